@@ -1,0 +1,3 @@
+from .pipeline_sim_one_step import SIMOneStepPipeline
+
+__all__ = ["SIMOneStepPipeline"]
