@@ -1,0 +1,125 @@
+"""Crash-safe checkpoint directories and pipeline saves.
+
+A checkpoint is written into `.tmp-checkpoint-{step}` and renamed to `checkpoint-{step}` only when complete (the
+rename is atomic on POSIX file systems), so a job killed at any moment leaves either a whole checkpoint or a
+temporary directory that `latest` resolution ignores and the next save clears. The final pipeline is saved the same
+way: components are written into a temporary directory, moved into `output_dir`, and `model_index.json`, which
+`from_pretrained` reads first, is moved last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-"
+COMPLETE_MARKER = "training_state.json"
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and path.is_dir() and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    checkpoints = complete_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint-<step> directory.")
+    return int(match.group(1))
+
+
+def temporary_checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"{TMP_PREFIX}checkpoint-{step}"
+
+
+def clear_temporary(output_dir: str | os.PathLike) -> None:
+    """Remove leftovers of saves interrupted by a crash."""
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def commit_checkpoint(tmp_dir: Path, step: int) -> Path:
+    """Atomically publish a fully written temporary checkpoint as `checkpoint-{step}`."""
+    if not (tmp_dir / COMPLETE_MARKER).is_file():
+        raise RuntimeError(f"{tmp_dir} has no {COMPLETE_MARKER}: refusing to publish an incomplete checkpoint.")
+    final = tmp_dir.parent / f"checkpoint-{step}"
+    if final.exists():  # a re-run of the same step after a resume: the new one replaces it
+        stale = tmp_dir.parent / f"{TMP_PREFIX}stale-checkpoint-{step}"
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp_dir, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain; the newest is never deleted."""
+    if total_limit is None or total_limit < 1:
+        return []
+    checkpoints = complete_checkpoints(output_dir)
+    removed = checkpoints[: max(0, len(checkpoints) - total_limit)]
+    for path in removed:
+        # Rename first: a crash mid-delete leaves a .tmp- directory, never a half-deleted checkpoint-N.
+        doomed = path.with_name(f"{TMP_PREFIX}deleted-{path.name}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
+
+
+def save_pipeline_atomically(pipeline, output_dir: str | os.PathLike, **save_kwargs) -> None:
+    """`pipeline.save_pretrained(output_dir)` that a kill at any moment cannot leave half-written.
+
+    Until the final rename of model_index.json, a previous complete pipeline in output_dir stays loadable component
+    by component; checkpoints and other files in output_dir are left alone.
+    """
+    output_dir = Path(output_dir)
+    tmp = output_dir / f"{TMP_PREFIX}pipeline"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
+    index = output_dir / "model_index.json"
+    if index.exists():  # from here until the end, the folder has no model_index.json: not loadable, not mixed
+        os.replace(index, output_dir / f"{TMP_PREFIX}old-model_index.json")
+    for item in sorted(tmp.iterdir()):
+        if item.name == "model_index.json":
+            continue
+        target = output_dir / item.name
+        if target.exists():
+            old = output_dir / f"{TMP_PREFIX}old-{item.name}"
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            os.replace(target, old)
+        os.replace(item, target)
+    os.replace(tmp / "model_index.json", index)
+    _fsync_dir(output_dir)
+    clear_temporary(output_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,119 @@
+"""The three networks of SIM training and how they are called: generator G, fake score F, frozen teacher T.
+
+The fake score is either a full trainable copy of the teacher, or (`lora_rank > 0`) LoRA adapters injected into the
+frozen teacher itself through peft: the teacher is then the same module with its adapters switched off, which saves a
+full model copy and its Adam states. Plain PyTorch; nothing here knows about Accelerate or DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from ..generator import guided_eps, predict_eps
+
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _tuner_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class ScoreNetworks:
+    """The teacher and the fake score, with the calls the two SIM updates make.
+
+    teacher: frozen PixArt transformer in the weight dtype. fake_score: the trainable module (a full copy, or the
+    teacher itself carrying LoRA adapters). `fake_score_module` is what the caller prepared for distributed training
+    (e.g. the DDP wrapper) and is used for the fake-score update; generator-step calls use the plain module.
+    """
+
+    def __init__(self, teacher, fake_score, lora: bool):
+        self.teacher = teacher
+        self.fake_score = fake_score
+        self.lora = lora
+
+    @classmethod
+    def build(cls, teacher, lora_rank: int = 0, lora_alpha: float | None = None, trainable_dtype=torch.float32):
+        teacher.requires_grad_(False).eval()
+        if lora_rank <= 0:
+            fake_score = copy.deepcopy(teacher).to(trainable_dtype).requires_grad_(True)
+            fake_score.train()
+            return cls(teacher, fake_score, lora=False)
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha or lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=LORA_TARGET_MODULES,
+        )
+        inject_adapter_in_model(config, teacher, adapter_name="fake_score")
+        for name, param in teacher.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(trainable_dtype)
+                param.requires_grad_(True)
+        return cls(teacher, teacher, lora=True)
+
+    def fake_score_parameters(self):
+        return [p for n, p in self.fake_score.named_parameters() if (not self.lora or "lora_" in n)]
+
+    @contextlib.contextmanager
+    def teacher_mode(self):
+        """Inside, `self.teacher` computes the teacher's epsilon (LoRA adapters switched off when present)."""
+        if not self.lora:
+            yield
+            return
+        layers = _tuner_layers(self.teacher)
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    @contextlib.contextmanager
+    def fake_score_frozen(self):
+        """The generator step: F's parameters take no gradient (x_t still does, through F)."""
+        params = self.fake_score_parameters()
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+
+    def teacher_eps(self, x_t, timesteps, cond, uncond, guidance_scale, added_cond_kwargs=None):
+        """Guided teacher epsilon in one batched forward; cond/uncond are (embeds, mask) pairs."""
+        dtype = self.teacher.dtype
+        with self.teacher_mode():
+            return guided_eps(
+                self.teacher,
+                x_t.to(dtype),
+                timesteps,
+                cond[0].to(dtype),
+                cond[1],
+                uncond[0].to(dtype),
+                uncond[1],
+                guidance_scale,
+                added_cond_kwargs,
+            )
+
+    def fake_eps(self, x_t, timesteps, cond, added_cond_kwargs=None, module=None):
+        """F's epsilon; `module` is the distributed wrapper for F's own update, the plain module otherwise."""
+        dtype = self.fake_score.dtype  # the base weights' dtype (LoRA adapters cast their input themselves)
+        return predict_eps(module or self.fake_score, x_t.to(dtype), timesteps, cond[0].to(dtype), cond[1], added_cond_kwargs)
+
+
+def cast_trainable_to_fp32(model):
+    """Trainable weights keep fp32 master copies under mixed precision, as the diffusers training scripts do."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model

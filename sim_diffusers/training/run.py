@@ -1,0 +1,270 @@
+"""Pieces of the training script that are not the algorithm: state, optimisers, text, checkpoint hooks, validation.
+
+Only this module and the script import Accelerate-facing code paths; the math lives in `step.py` and `..losses`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpointing import COMPLETE_MARKER
+from .text_embeddings import OnlineTextEncoder, TextEmbeddingCache, build_text_embedding_cache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint must restore beyond weights, optimisers and RNG: the step (= caption-stream position) and
+    the non-finite-step counters. Its JSON file is also the marker of a complete checkpoint."""
+
+    step: int = 0
+    skipped: dict = field(default_factory=lambda: {"generator": 0, "fake_score": 0})
+    consecutive_bad: int = 0
+    _step_bad: bool = False
+
+    def record(self, name: str, finite: bool) -> None:
+        if not finite:
+            self.skipped[name] += 1
+            self._step_bad = True
+
+    def advance(self) -> None:
+        self.consecutive_bad = self.consecutive_bad + 1 if self._step_bad else 0
+        self._step_bad = False
+        self.step += 1
+
+    def save(self, directory: Path) -> None:
+        data = {"step": self.step, "skipped": self.skipped, "consecutive_bad": self.consecutive_bad}
+        (Path(directory) / COMPLETE_MARKER).write_text(json.dumps(data, indent=2))
+
+    def load(self, directory: Path) -> None:
+        data = json.loads((Path(directory) / COMPLETE_MARKER).read_text())
+        self.step, self.skipped, self.consecutive_bad = data["step"], data["skipped"], data["consecutive_bad"]
+
+
+def build_optimizer(args, parameters, learning_rate):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        [p for p in parameters if p.requires_grad],
+        lr=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text conditioning
+
+
+def _cache_settings(args, dtype) -> dict:
+    return {
+        "teacher": str(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "max_sequence_length": args.max_sequence_length,
+        "clean_caption": args.clean_caption,
+        "dtype": str(dtype),
+    }
+
+
+def needs_text_encoder(args) -> bool:
+    """T5 must be loaded unless a complete cache already holds the captions and the validation prompts."""
+    if args.text_embedding_cache is None:
+        return True
+    cache_dir = Path(args.text_embedding_cache)
+    if not (cache_dir / "index.json").is_file():
+        return True
+    return bool(args.validation_prompts) and not TextEmbeddingCache.has_extra(cache_dir, args.validation_prompts)
+
+
+def load_text_conditioning(args, accelerator, teacher_pipe, captions, dtype):
+    """A callable captions -> (embeds, mask) with `.negative()` and `.extra(prompts)`; builds the cache if asked."""
+    device = accelerator.device
+    encoder = None
+    if teacher_pipe.text_encoder is not None:
+        teacher_pipe.text_encoder.to(device).requires_grad_(False).eval()
+        encoder = OnlineTextEncoder(teacher_pipe, device, dtype, args.max_sequence_length, args.clean_caption)
+    if args.text_embedding_cache is None:
+        return encoder
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(set(captions)), desc="T5 embedding cache", disable=not accelerator.is_local_main_process)
+    build_text_embedding_cache(
+        args.text_embedding_cache,
+        captions,
+        encoder,
+        _cache_settings(args, dtype),
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+        progress=lambda n: bar.update(n * accelerator.num_processes),
+        extra_prompts=args.validation_prompts,
+    )
+    bar.close()
+    return TextEmbeddingCache(args.text_embedding_cache, device, dtype)
+
+
+def validation_embeddings(args, text):
+    """Validation prompt embeddings, computed once, so validation never needs T5."""
+    if not args.validation_prompts:
+        return None
+    if isinstance(text, TextEmbeddingCache):
+        return text.extra(args.validation_prompts)
+    return text(args.validation_prompts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint hooks: G, F and EMA in diffusers format (safetensors), not as Accelerate's anonymous model files.
+
+
+def register_checkpoint_hooks(accelerator, generator, networks, ema, state):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def role(model):
+        unwrapped = accelerator.unwrap_model(model)
+        if unwrapped is generator:
+            return "generator"
+        if unwrapped is networks.fake_score:
+            return "fake_score"
+        raise RuntimeError(f"unexpected model in checkpoint: {type(unwrapped).__name__}")
+
+    def save_hook(models, weights, output_dir):
+        output_dir = Path(output_dir)
+        for model in models:
+            name = role(model)
+            if accelerator.is_main_process:
+                if name == "fake_score" and networks.lora:
+                    (output_dir / "fake_score_lora").mkdir(parents=True, exist_ok=True)
+                    lora = get_peft_model_state_dict(networks.fake_score, adapter_name="fake_score")
+                    save_file({k: v.contiguous() for k, v in lora.items()}, str(output_dir / "fake_score_lora" / "adapter_model.safetensors"))
+                else:
+                    accelerator.unwrap_model(model).save_pretrained(output_dir / name, safe_serialization=True)
+        while weights:
+            weights.pop()  # saved above in diffusers format; Accelerate must not write them again
+        if ema is not None and accelerator.is_main_process:
+            ema.save_pretrained(str(output_dir / "generator_ema"))
+
+    def load_hook(models, input_dir):
+        input_dir = Path(input_dir)
+        while models:
+            model = models.pop()
+            name = role(model)
+            unwrapped = accelerator.unwrap_model(model)
+            if name == "fake_score" and networks.lora:
+                lora = load_file(str(input_dir / "fake_score_lora" / "adapter_model.safetensors"))
+                set_peft_model_state_dict(unwrapped, lora, adapter_name="fake_score")
+            else:
+                loaded = type(unwrapped).from_pretrained(input_dir / name)
+                unwrapped.load_state_dict(loaded.state_dict())
+                del loaded
+        if ema is not None:
+            from diffusers.training_utils import EMAModel
+
+            loaded = EMAModel.from_pretrained(str(input_dir / "generator_ema"), model_cls=type(generator))
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(accelerator.device)
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def copy_teacher_text_encoder(args, pipeline_dir: Path) -> None:
+    """Put the teacher's T5 (and its model_index entry) into a saved pipeline folder, file for file.
+
+    The trainer may never have held T5 in memory (embedding cache), and re-saving 4.7B parameters would only lose
+    the teacher's own precision; copying its files keeps the final pipeline exactly the teacher's text side.
+    """
+    source = Path(args.pretrained_model_name_or_path)
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        source = Path(
+            snapshot_download(
+                args.pretrained_model_name_or_path,
+                revision=args.revision,
+                cache_dir=args.cache_dir,
+                allow_patterns=["model_index.json", "text_encoder/*"],
+            )
+        )
+    target = pipeline_dir / "text_encoder"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source / "text_encoder", target)
+    teacher_index = json.loads((source / "model_index.json").read_text())
+    index_path = pipeline_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["text_encoder"] = teacher_index["text_encoder"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation images
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+    """(N, H, W, 3) floats in [0, 1] -> one (rows*H, cols*W, 3) uint8 grid."""
+    n, h, w, c = images.shape
+    cols = n // rows
+    grid = images[: rows * cols].reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    return (grid * 255).round().clip(0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def log_validation(accelerator, args, one_step, generator, ema, validation, step, weight_dtype):
+    """Images of the fixed validation prompts and seeds from the live generator (EMA weights when kept)."""
+    if not accelerator.is_main_process or validation is None:
+        return None
+    from PIL import Image
+
+    from ..pipelines import SIMOneStepPipeline
+
+    if ema is not None:
+        ema.store(generator.parameters())
+        ema.copy_to(generator.parameters())
+    was_training = generator.training
+    generator.eval()
+    try:
+        pipe = SIMOneStepPipeline(
+            tokenizer=None, text_encoder=None, vae=one_step.vae, transformer=generator,
+            scheduler=one_step.scheduler, conditioning_timestep=one_step.conditioning_timestep,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        embeds, mask = validation
+        n = args.num_validation_images
+        seeds = [torch.Generator().manual_seed(i) for _ in range(len(args.validation_prompts)) for i in range(n)]
+        with accelerator.autocast():
+            images = pipe(
+                prompt_embeds=embeds.repeat_interleave(n, 0), prompt_attention_mask=mask.repeat_interleave(n, 0),
+                generator=seeds, output_type="np", use_resolution_binning=False,
+            ).images
+    finally:
+        generator.train(was_training)
+        if ema is not None:
+            ema.restore(generator.parameters())
+    grid = image_grid(images, rows=len(args.validation_prompts))
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(folder / f"step-{step:07d}.png")
+    Image.fromarray(grid).save(folder / "latest.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([(im * 255).astype(np.uint8) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, np.repeat(args.validation_prompts, n))]}, step=step)
+    return images

@@ -1,0 +1,83 @@
+"""The two losses of one SIM iteration, as functions of the networks and one batch (no Accelerate, no DDP).
+
+Shared sample: x0 = G(z, c) is computed once per iteration and used by both updates. The generator's parameters do
+not change between the fake-score update and the generator update, so a second generator forward would recompute the
+same x0 (and its graph) exactly; the fake-score update reads x0.detach(). The cost is that the generator's graph is
+held in memory through the fake-score update (small with gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..losses import fake_score_loss, loss_weight
+from ..schedule import alpha_sigma
+
+
+def diffuse(x0, timesteps, noise, alphas_cumprod):
+    """x_t = alpha_t x0 + sigma_t eps; returns x_t and (B,) alpha_t, sigma_t."""
+    alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x_t = alpha.view(shape).to(x0.dtype) * x0 + sigma.view(shape).to(x0.dtype) * noise.to(x0.dtype)
+    return x_t, alpha, sigma
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: caption embeddings (B, L, D) + mask (B, L), the empty prompt's, micro-conditions."""
+
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    negative_prompt_attention_mask: torch.Tensor
+    added_cond_kwargs: dict | None = None
+
+    @property
+    def cond(self):
+        return self.prompt_embeds, self.prompt_attention_mask
+
+    @property
+    def uncond(self):
+        return self.negative_prompt_embeds, self.negative_prompt_attention_mask
+
+
+def fake_score_update_loss(networks, fake_module, x0, timesteps, noise, conditioning: Conditioning, alphas_cumprod):
+    """Denoising score matching of F on the generator's samples (x0 detached: this update never reaches G)."""
+    x_t, _, _ = diffuse(x0.detach(), timesteps, noise, alphas_cumprod)
+    eps_fake = networks.fake_eps(x_t, timesteps, conditioning.cond, conditioning.added_cond_kwargs, module=fake_module)
+    return fake_score_loss(eps_fake, noise)
+
+
+def generator_update_loss(
+    networks,
+    x0,
+    timesteps,
+    noise,
+    conditioning: Conditioning,
+    alphas_cumprod,
+    divergence,
+    guidance_scale: float,
+    weighting: str,
+    divergence_options: dict | None = None,
+):
+    """The generator's divergence loss on x_t built from x0 WITH its graph; F's parameters frozen.
+
+    For divergences that need input gradients (sim, sim_l2, sid), the teacher (both guidance branches in one batched
+    forward) and F run with autograd on, so the gradient reaches x0 through eps_teacher and eps_fake. Others (dmd) run
+    them under no_grad. Returns (loss, stats) with stats = detached diagnostics.
+    """
+    x_t, alpha, sigma = diffuse(x0, timesteps, noise, alphas_cumprod)
+    grad_context = contextlib.nullcontext() if divergence.needs_input_grad else torch.no_grad()
+    with networks.fake_score_frozen(), grad_context:
+        eps_teacher = networks.teacher_eps(
+            x_t, timesteps, conditioning.cond, conditioning.uncond, guidance_scale, conditioning.added_cond_kwargs
+        )
+        eps_fake = networks.fake_eps(x_t, timesteps, conditioning.cond, conditioning.added_cond_kwargs)
+    weight = loss_weight(sigma, alpha, weighting)
+    loss = divergence.loss(eps_teacher, eps_fake, noise, sigma, x_t=x_t, weight=weight, **(divergence_options or {}))
+    with torch.no_grad():
+        gap = (eps_teacher.float() - eps_fake.float()).square().flatten(1).mean(1).mean()
+    return loss, {"eps_gap": gap}
