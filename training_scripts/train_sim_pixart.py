@@ -183,6 +183,7 @@ def train(args, caption_set, teacher_facts, resume_path):
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
+        cpu=multi_process_without_accelerator(),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
@@ -362,7 +363,8 @@ def train(args, caption_set, teacher_facts, resume_path):
                 f"error: {state.consecutive_bad} consecutive non-finite steps, the last at step {step}; stopping. "
                 f"Last good checkpoint: {last if last else 'none'}."
             )
-            accelerator.print(message)
+            if accelerator.is_main_process:
+                print(message, file=sys.stderr)
             accelerator.end_training()
             return 3
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
@@ -392,17 +394,27 @@ def train(args, caption_set, teacher_facts, resume_path):
     return 0
 
 
+def multi_process_without_accelerator() -> bool:
+    """`accelerate launch --multi_gpu` on a machine without GPUs: Accelerate needs cpu=True to form a gloo group
+    (otherwise every process silently trains alone)."""
+    import torch
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return distributed and not (torch.cuda.is_available() or is_xpu_available() or is_npu_available())
+
+
 def _no_sync_unless(accelerator, model, last: bool):
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
 
 
 def save_checkpoint(accelerator, args, output_dir, state, fault_plan):
-    """Prune, write into a temporary folder on every rank, then publish atomically."""
+    """Write into a temporary folder on every rank, publish atomically, then prune the oldest."""
     from sim_diffusers.training import checkpointing
 
-    if accelerator.is_main_process:
-        checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit and args.checkpoints_total_limit - 1)
     tmp = checkpointing.temporary_checkpoint_dir(output_dir, state.step)
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)  # before any rank writes its RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     fault_plan.maybe_kill("checkpoint", state.step)
@@ -411,6 +423,8 @@ def save_checkpoint(accelerator, args, output_dir, state, fault_plan):
         state.save(tmp)
         path = checkpointing.commit_checkpoint(tmp, state.step)
         logger.info("Saved %s", path)
+        # Pruned only now, so a crash at any moment leaves at least the newest complete checkpoint.
+        checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=path)
     accelerator.wait_for_everyone()
 
 

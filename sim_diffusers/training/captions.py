@@ -63,6 +63,8 @@ def read_caption_file(path: str | Path, caption_column: str | None = None) -> Ca
     ones dropped. Raises UserInputError for a missing, unreadable or empty file, or a column that does not exist.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UserInputError(f"--caption_file {path} is a broken link to {path.readlink()}.")
     if not path.exists():
         raise UserInputError(f"--caption_file {path} does not exist.")
     if path.is_dir():
@@ -139,7 +141,8 @@ def clean_captions(values, num_skipped_non_utf8: int = 0, source: str = "caption
     captions = [value.strip() for value in values if isinstance(value, str) and value.strip()]
     dropped = len(values) - len(captions)
     if not captions:
-        raise UserInputError(f"{source} holds no captions after cleaning ({len(values)} entries, all empty).")
+        skipped = f"; {num_skipped_non_utf8} line(s) skipped as not valid UTF-8" if num_skipped_non_utf8 else ""
+        raise UserInputError(f"{source} holds no captions after cleaning ({len(values)} entries, all empty{skipped}).")
     if num_skipped_non_utf8:
         logger.warning("Skipped %d line(s) of %s that are not valid UTF-8.", num_skipped_non_utf8, source)
     return CaptionSet(captions, num_skipped_non_utf8, dropped)

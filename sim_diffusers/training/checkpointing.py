@@ -71,12 +71,18 @@ def commit_checkpoint(tmp_dir: Path, step: int) -> Path:
     return final
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints so that at most `total_limit` remain; the newest is never deleted."""
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, keep: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints so that at most `total_limit` remain (None or < 1: keep all).
+
+    Never deleted: `keep` (the checkpoint just written, which is not the newest by step when a run resumed from an
+    older checkpoint left later ones behind) or, without `keep`, the newest by step. Call it after publishing a
+    checkpoint, so that a crash at any moment leaves a complete one.
+    """
     if total_limit is None or total_limit < 1:
         return []
     checkpoints = complete_checkpoints(output_dir)
-    removed = checkpoints[: max(0, len(checkpoints) - total_limit)]
+    candidates = [path for path in checkpoints if keep is None or path.resolve() != Path(keep).resolve()]
+    removed = candidates[: max(0, len(checkpoints) - total_limit)]
     for path in removed:
         # Rename first: a crash mid-delete leaves a .tmp- directory, never a half-deleted checkpoint-N.
         doomed = path.with_name(f"{TMP_PREFIX}deleted-{path.name}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def push_output_dir(output_dir: str | os.PathLike, hub_model_id: str, token: str
 
 
 def retry_command(output_dir, hub_model_id, private: bool) -> str:
-    command = f"python -m sim_diffusers.training.hub {output_dir} --hub_model_id {hub_model_id}"
+    command = f"python -m sim_diffusers.training.hub {shlex.quote(str(output_dir))} --hub_model_id {shlex.quote(hub_model_id)}"
     return command + (" --private" if private else "")
 
 

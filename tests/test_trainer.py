@@ -1,0 +1,192 @@
+"""train_sim_pixart.py end to end on the tiny fixture: Accelerate 1 and 2 processes, gradient sync, checkpoints and
+resume, the embedding cache, LoRA fake score, EMA, bf16, model card, Hub upload, and what gets written."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sim_diffusers import SIMOneStepPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "training_scripts" / "train_sim_pixart.py"
+CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a house by the lake", "a small boat on the river", "a bright sun"]
+# Adam with a large epsilon is close to SGD: float noise in tiny gradients is not blown up to +-lr by the
+# normalisation, so runs that should agree agree to float precision, and runs that should not differ clearly.
+COMMON = ["--max_train_steps", "3", "--report_to", "none", "--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2", "--adam_epsilon", "1.0", "--seed", "3"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_trainer(teacher, captions, output_dir, *extra, processes=None):
+    args = ["--pretrained_model_name_or_path", str(teacher), "--caption_file", str(captions), "--output_dir", str(output_dir), *COMMON, *extra]
+    if processes is None:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    else:
+        launch = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if processes > 1:
+            launch.insert(0, "--multi_gpu")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(SCRIPT), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def transformer_weights(folder):
+    return load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def captions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("captions") / "captions.txt"
+    path.write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_teacher_path, captions_file, tmp_path_factory):
+    """accelerate launch, 1 process, per-device batch 4; checkpoints every step, at most 2 kept, validation."""
+    out = tmp_path_factory.mktemp("run") / "one_process"
+    run_trainer(
+        tiny_teacher_path, captions_file, out, "--train_batch_size", "4", "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "2", "--validation_prompts", "a red cat", "a blue dog", "--num_validation_images", "2",
+        "--validation_steps", "3", processes=1,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_teacher_path, captions_file, tmp_path_factory):
+    """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU), per-device batch 2: the same global batch."""
+    out = tmp_path_factory.mktemp("run") / "two_processes"
+    run_trainer(tiny_teacher_path, captions_file, out, "--train_batch_size", "2", "--checkpointing_steps", "3", processes=2)
+    return out
+
+
+def test_one_process_run_gives_a_loadable_pipeline_that_learned(one_process_run, tiny_teacher_path):
+    trained = SIMOneStepPipeline.from_pretrained(one_process_run)
+    untrained = SIMOneStepPipeline.from_teacher(tiny_teacher_path)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = trained(["a red cat", "a blue dog"], latents=z, output_type="np").images
+    b = untrained(["a red cat", "a blue dog"], latents=z, output_type="np").images
+    assert abs(a - b).max() > 1e-3
+    assert type(trained.text_encoder).__name__ == "T5EncoderModel"
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(one_process_run, two_process_run, tiny_teacher_path):
+    one, two = transformer_weights(one_process_run), transformer_weights(two_process_run)
+    untrained = transformer_weights(tiny_teacher_path)
+    change = max_difference(one, untrained)
+    assert change > 1e-3
+    assert max_difference(one, two) < 1e-6 * max(1.0, change * 1e3)  # synchronised gradients, same data and noise
+    fake_one = load_file(str(one_process_run / "checkpoint-3" / "fake_score" / "diffusion_pytorch_model.safetensors"))
+    fake_two = load_file(str(two_process_run / "checkpoint-3" / "fake_score" / "diffusion_pytorch_model.safetensors"))
+    assert max_difference(fake_one, fake_two) < 1e-5
+    assert sorted(p.name for p in (two_process_run / "checkpoint-3").glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    SIMOneStepPipeline.from_pretrained(two_process_run)
+
+
+def test_a_different_batch_split_is_not_the_same_run(one_process_run, tiny_teacher_path, captions_file, tmp_path):
+    """Guards the test above: one process with batch 2 sees other samples and must end elsewhere."""
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "b2", "--train_batch_size", "2", "--checkpointing_steps", "100")
+    assert max_difference(transformer_weights(one_process_run), transformer_weights(tmp_path / "b2")) > 1e-5
+
+
+def test_checkpoints_pruning_validation_and_only_safe_files(one_process_run):
+    assert sorted(p.name for p in one_process_run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    state = json.loads((one_process_run / "checkpoint-3" / "training_state.json").read_text())
+    assert state["step"] == 3 and state["skipped"] == {"generator": 0, "fake_score": 0}
+    assert (one_process_run / "validation" / "step-0000003.png").is_file()
+    accelerate_state = {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"}
+    for path in one_process_run.rglob("*"):
+        if path.is_file():
+            allowed = path.suffix in {".safetensors", ".json", ".png", ".md", ".txt", ".model"}
+            allowed |= "checkpoint-" in str(path.parent) and (path.name in accelerate_state or path.name.startswith("random_states_"))
+            assert allowed, path
+    assert not list(one_process_run.glob(".tmp-*"))
+
+
+def test_model_card_metadata_and_loading_code(one_process_run):
+    card = (one_process_run / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "library_name: diffusers" in header and "pipeline_tag: text-to-image" in header
+    assert "score-implicit-matching" in header and "license:" in header
+    assert "SIMOneStepPipeline.from_pretrained" in card and "validation/latest.png" in card
+    assert "`max_train_steps` | `3`" in card
+
+
+def test_resume_latest_with_more_steps_ends_where_an_uninterrupted_run_ends(one_process_run, tiny_teacher_path, captions_file, tmp_path):
+    out = tmp_path / "resumed"
+    first = list(COMMON)
+    first[first.index("--max_train_steps") + 1] = "2"  # the same run, stopped after 2 steps
+    args = ["--pretrained_model_name_or_path", str(tiny_teacher_path), "--caption_file", str(captions_file), "--output_dir", str(out), "--train_batch_size", "4", "--checkpointing_steps", "1"]
+    subprocess.run([sys.executable, str(SCRIPT), *args, *first], check=True, capture_output=True, env=ENV, timeout=600)
+    resumed = run_trainer(tiny_teacher_path, captions_file, out, "--train_batch_size", "4", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    assert max_difference(transformer_weights(out), transformer_weights(one_process_run)) < 1e-6
+
+
+def test_text_embedding_cache_trains_like_online_encoding(one_process_run, tiny_teacher_path, captions_file, tmp_path):
+    cache = tmp_path / "t5_cache"
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "cached", "--train_batch_size", "4", "--checkpointing_steps", "100", "--text_embedding_cache", str(cache))
+    index = json.loads((cache / "index.json").read_text())
+    assert sorted(index["captions"]) == sorted(CAPTIONS)
+    assert max_difference(transformer_weights(tmp_path / "cached"), transformer_weights(one_process_run)) < 1e-6
+    assert SIMOneStepPipeline.from_pretrained(tmp_path / "cached").text_encoder is not None
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_sim_pixart", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bf16_lora_fake_score_ema_and_push_to_hub(tiny_teacher_path, captions_file, tmp_path, monkeypatch):
+    """In process (mocks reach the Hub boundary): bf16 on CPU, a LoRA fake score that trains, EMA weights saved,
+    and --push_to_hub uploading exactly output_dir without checkpoints."""
+    from accelerate.state import AcceleratorState
+
+    script = load_script()
+    out = tmp_path / "lora"
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    args = script.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_teacher_path), "--caption_file", str(captions_file), "--output_dir", str(out),
+        *COMMON, "--train_batch_size", "2", "--checkpointing_steps", "3", "--mixed_precision", "bf16",
+        "--fake_score_lora_rank", "4", "--use_ema", "--ema_decay", "0.5", "--push_to_hub", "--hub_model_id", "someone/sim-tiny",
+    ])
+    repo = mock.Mock(repo_id="someone/sim-tiny")
+    with mock.patch("huggingface_hub.create_repo", return_value=repo) as create_repo, mock.patch("huggingface_hub.upload_folder") as upload_folder:
+        try:
+            assert script.main(args) == 0
+        finally:
+            AcceleratorState._reset_state(True)
+    create_repo.assert_called_once()
+    assert create_repo.call_args.kwargs["token"] == "hf_fake_token_for_tests"
+    upload = upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "someone/sim-tiny" and Path(upload["folder_path"]) == out
+    assert "checkpoint-*" in upload["ignore_patterns"]
+
+    checkpoint = out / "checkpoint-3"
+    lora = load_file(str(checkpoint / "fake_score_lora" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in lora.items() if "lora_B" in k]
+    assert lora_b and max(v.abs().max().item() for v in lora_b) > 0  # B starts at zero: the LoRA trained
+    assert not (checkpoint / "fake_score").exists()  # no full copy of the teacher
+
+    ema = load_file(str(checkpoint / "generator_ema" / "diffusion_pytorch_model.safetensors"))
+    live = load_file(str(checkpoint / "generator" / "diffusion_pytorch_model.safetensors"))
+    saved = transformer_weights(out)
+    assert max_difference(saved, ema) < 1e-7
+    assert max_difference(saved, live) > 1e-6
+    assert all(torch.isfinite(v).all() for v in saved.values())
