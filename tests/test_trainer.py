@@ -154,8 +154,8 @@ def load_script():
 
 
 def test_bf16_lora_fake_score_ema_and_push_to_hub(tiny_teacher_path, captions_file, tmp_path, monkeypatch):
-    """In process (mocks reach the Hub boundary): bf16 on CPU, a LoRA fake score that trains, EMA weights saved,
-    and --push_to_hub uploading exactly output_dir without checkpoints."""
+    """In process (mocks reach the Hub boundary): bf16 on CPU with gradient checkpointing, a LoRA fake score that
+    trains, EMA weights saved, and --push_to_hub uploading exactly output_dir without checkpoints."""
     from accelerate.state import AcceleratorState
 
     script = load_script()
@@ -164,7 +164,8 @@ def test_bf16_lora_fake_score_ema_and_push_to_hub(tiny_teacher_path, captions_fi
     args = script.parse_args([
         "--pretrained_model_name_or_path", str(tiny_teacher_path), "--caption_file", str(captions_file), "--output_dir", str(out),
         *COMMON, "--train_batch_size", "2", "--checkpointing_steps", "3", "--mixed_precision", "bf16",
-        "--fake_score_lora_rank", "4", "--use_ema", "--ema_decay", "0.5", "--push_to_hub", "--hub_model_id", "someone/sim-tiny",
+        "--fake_score_lora_rank", "4", "--use_ema", "--ema_decay", "0.5", "--gradient_checkpointing",
+        "--push_to_hub", "--hub_model_id", "someone/sim-tiny",
     ])
     repo = mock.Mock(repo_id="someone/sim-tiny")
     with mock.patch("huggingface_hub.create_repo", return_value=repo) as create_repo, mock.patch("huggingface_hub.upload_folder") as upload_folder:
@@ -190,3 +191,4 @@ def test_bf16_lora_fake_score_ema_and_push_to_hub(tiny_teacher_path, captions_fi
     assert max_difference(saved, ema) < 1e-7
     assert max_difference(saved, live) > 1e-6
     assert all(torch.isfinite(v).all() for v in saved.values())
+    assert "base_model" not in (out / "README.md").read_text().split("---")[1]  # a local teacher has no Hub id

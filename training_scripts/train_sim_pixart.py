@@ -216,8 +216,7 @@ def train(args, caption_set, teacher_facts, resume_path):
         module.to(device)
     if args.gradient_checkpointing:
         generator.enable_gradient_checkpointing()
-        networks.teacher.enable_gradient_checkpointing()  # the generator step backpropagates through the teacher
-        networks.fake_score.enable_gradient_checkpointing()
+        networks.enable_gradient_checkpointing()  # the generator step backpropagates through teacher and F
     if args.enable_xformers_memory_efficient_attention:
         for module in {id(m): m for m in (generator, networks.teacher, networks.fake_score)}.values():
             module.enable_xformers_memory_efficient_attention()
@@ -459,7 +458,8 @@ def write_model_card(args, output_dir, t_star, steps):
     render_model_card(
         MODEL_CARD_TEMPLATE,
         output_dir,
-        base_model=args.pretrained_model_name_or_path if not Path(args.pretrained_model_name_or_path).exists() else Path(args.pretrained_model_name_or_path).name,
+        # A local teacher folder has no Hub id to link; the card then names no base_model.
+        base_model=None if Path(args.pretrained_model_name_or_path).exists() else args.pretrained_model_name_or_path,
         repo_id=args.hub_model_id,
         conditioning_timestep=t_star,
         settings={**vars(args), "trained_steps": steps},

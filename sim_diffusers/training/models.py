@@ -11,6 +11,7 @@ import contextlib
 import copy
 
 import torch
+import torch.utils.checkpoint
 
 from ..generator import guided_eps, predict_eps
 
@@ -35,6 +36,7 @@ class ScoreNetworks:
         self.teacher = teacher
         self.fake_score = fake_score
         self.lora = lora
+        self._adapters_on, self._fake_trainable = True, True
 
     @classmethod
     def build(cls, teacher, lora_rank: int = 0, lora_alpha: float | None = None, trainable_dtype=torch.float32):
@@ -61,33 +63,50 @@ class ScoreNetworks:
     def fake_score_parameters(self):
         return [p for n, p in self.fake_score.named_parameters() if (not self.lora or "lora_" in n)]
 
-    @contextlib.contextmanager
-    def teacher_mode(self):
-        """Inside, `self.teacher` computes the teacher's epsilon (LoRA adapters switched off when present)."""
-        if not self.lora:
-            yield
-            return
-        layers = _tuner_layers(self.teacher)
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
+    # The switchable state of the shared modules: (LoRA adapters on, F's parameters trainable). Activation
+    # checkpointing recomputes a block during backward, after the context that set this state has exited; the
+    # recomputation must see the state of the original forward (see `enable_gradient_checkpointing`).
+    def _state(self) -> tuple[bool, bool]:
+        return self._adapters_on, self._fake_trainable
 
     @contextlib.contextmanager
-    def fake_score_frozen(self):
-        """The generator step: F's parameters take no gradient (x_t still does, through F)."""
-        params = self.fake_score_parameters()
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(False)
+    def _set_state(self, adapters_on: bool, fake_trainable: bool):
+        previous = self._state()
+        self._apply(adapters_on, fake_trainable)
         try:
             yield
         finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
+            self._apply(*previous)
+
+    def _apply(self, adapters_on: bool, fake_trainable: bool) -> None:
+        if self.lora and adapters_on != self._adapters_on:
+            for layer in _tuner_layers(self.teacher):
+                layer.enable_adapters(adapters_on)  # peft also flips the adapters' requires_grad here
+        if fake_trainable != self._fake_trainable or self.lora:
+            for p in self.fake_score_parameters():
+                p.requires_grad_(fake_trainable)
+        self._adapters_on, self._fake_trainable = adapters_on, fake_trainable
+
+    def teacher_mode(self):
+        """Inside, `self.teacher` computes the teacher's epsilon (LoRA adapters switched off when present)."""
+        return self._set_state(False, self._fake_trainable)
+
+    def fake_score_frozen(self):
+        """The generator step: F's parameters take no gradient (x_t still does, through F)."""
+        return self._set_state(self._adapters_on, False)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint the teacher's and F's blocks, recomputing each under the state of its original forward."""
+
+        def checkpoint(block, *args):
+            state = self._state()
+            return torch.utils.checkpoint.checkpoint(
+                block.__call__, *args, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), self._set_state(*state)),
+            )
+
+        for module in {id(m): m for m in (self.teacher, self.fake_score)}.values():
+            module.enable_gradient_checkpointing(checkpoint)
 
     def teacher_eps(self, x_t, timesteps, cond, uncond, guidance_scale, added_cond_kwargs=None):
         """Guided teacher epsilon in one batched forward; cond/uncond are (embeds, mask) pairs."""
