@@ -244,7 +244,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     )
     ema = None
     if args.use_ema:
-        ema = EMAModel(generator.parameters(), decay=args.ema_decay, model_cls=type(generator), model_config=generator.config)
+        ema = EMAModel(generator.parameters(), decay=args.ema_decay, model_cls=type(generator), model_config=generator.config, foreach=True)
         ema.to(device)
     state = TrainingState()
     register_checkpoint_hooks(accelerator, generator, networks, ema, state)
@@ -281,11 +281,13 @@ def train(args, caption_set, teacher_facts, resume_path):
 
     def apply_update(name, loss_values, optimizer, scheduler, parameters):
         """Clip, check for NaN/Inf (loss and synchronised gradients) and step; a bad update is skipped and counted."""
-        grad_norm = None
         if args.max_grad_norm > 0:
+            # The total norm is non-finite iff some gradient is: one reduction serves clipping and the NaN guard.
             grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
-        grads = [p.grad for p in parameters if p.grad is not None]
-        finite = is_finite(torch.stack(loss_values), *grads)
+            finite = is_finite(torch.stack(loss_values), grad_norm)
+        else:
+            grad_norm = None
+            finite = is_finite(torch.stack(loss_values), *[p.grad for p in parameters if p.grad is not None])
         if finite:
             optimizer.step()
             scheduler.step()
