@@ -1,0 +1,35 @@
+"""Command-line options shared by the ground-truth scripts: the world and the teacher's settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from sim_diffusers.ground_truth import GaussianMixtureWorld, TeacherConfig
+
+
+def add_world_and_teacher_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("world and teacher")
+    group.add_argument("--world", choices=("default", "quick"), default="default",
+                       help="default: 4 captions x 3 modes in a 4x8x8 latent; quick: 2 x 2 in 4x4x4, for CI.")
+    group.add_argument("--world_seed", type=int, default=0)
+    group.add_argument("--train_steps", type=int, default=None, help="Override the teacher's training steps.")
+    group.add_argument("--batch_size", type=int, default=None)
+    group.add_argument("--learning_rate", type=float, default=None)
+    group.add_argument("--num_layers", type=int, default=None)
+    group.add_argument("--cache_dir", default=None, help="Default: <repo>/.cache/ground_truth/.")
+    group.add_argument("--rebuild", action="store_true", help="Retrain even if the teacher is cached.")
+    group.add_argument("--num_threads", type=int, default=1,
+                       help="torch CPU threads. One is the robust choice for these tiny models on a shared machine.")
+
+
+def world_and_config(args) -> tuple[GaussianMixtureWorld, TeacherConfig]:
+    torch.set_num_threads(args.num_threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    overrides = {k: getattr(args, k) for k in ("train_steps", "batch_size", "learning_rate", "num_layers")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.world == "quick":
+        return GaussianMixtureWorld.quick(seed=args.world_seed), TeacherConfig.quick(**overrides)
+    return GaussianMixtureWorld(seed=args.world_seed), TeacherConfig(**overrides)
