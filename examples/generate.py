@@ -61,7 +61,7 @@ def main(args) -> list[Path]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     pipe = SIMOneStepPipeline.from_pretrained(
-        args.model, torch_dtype=getattr(torch, DTYPES[dtype_name]), revision=args.revision
+        args.model, dtype=getattr(torch, DTYPES[dtype_name]), revision=args.revision
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
 

@@ -203,7 +203,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     # 1. Teacher T (frozen, weight dtype), generator G and fake score F (fp32 master weights)
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     teacher_pipe = PixArtAlphaPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, torch_dtype=weight_dtype, **load_kwargs,
+        args.pretrained_model_name_or_path, dtype=weight_dtype, **load_kwargs,
         **({} if needs_text_encoder(args) else {"text_encoder": None}),
     )
     one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=args.conditioning_timestep)

@@ -30,7 +30,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from sim_diffusers import SIMOneStepPipeline
 
-        >>> pipe = SIMOneStepPipeline.from_pretrained("path/or/hub-id-of-a-sim-model", torch_dtype=torch.bfloat16)
+        >>> pipe = SIMOneStepPipeline.from_pretrained("path/or/hub-id-of-a-sim-model", dtype=torch.bfloat16)
         >>> pipe = pipe.to("cuda")
         >>> image = pipe("A small cactus with a happy face in the Sahara desert.").images[0]
         ```
@@ -115,7 +115,7 @@ class SIMOneStepPipeline(DiffusionPipeline):
                 frozen tokenizer, text encoder and VAE are shared.
             conditioning_timestep: t* (default: VE sigma 2.5, i.e. t = 440 for PixArt's schedule).
             kwargs: passed to `PixArtAlphaPipeline.from_pretrained` when `teacher` is a path or Hub id
-                (`revision`, `variant`, `torch_dtype`, ...).
+                (`revision`, `variant`, `dtype`, ...).
         """
         if isinstance(teacher, (str, os.PathLike)):
             teacher = PixArtAlphaPipeline.from_pretrained(teacher, **kwargs)
