@@ -23,10 +23,7 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -124,8 +121,6 @@ def parse_args(input_args=None):
     g.add_argument("--dry_run", action="store_true", help="Validate arguments and inputs, print the resolved configuration, and exit.")
 
     args = parser.parse_args(input_args)
-    env_rank = int(os.environ.get("LOCAL_RANK", -1))
-    args.local_rank = env_rank
     return args
 
 
@@ -155,7 +150,6 @@ def main(args):
 def train(args, caption_set, teacher_facts, resume_path):
     import torch
     from accelerate import Accelerator
-    from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration
     from diffusers import PixArtAlphaPipeline
     from diffusers.optimization import get_scheduler
@@ -188,7 +182,6 @@ def train(args, caption_set, teacher_facts, resume_path):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
-    log = get_logger("train_sim_pixart")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -430,27 +423,14 @@ def save_checkpoint(accelerator, args, output_dir, state, fault_plan):
 
 
 def save_final_pipeline(args, pipe, output_dir, checkpointing, copy_teacher_text_encoder, fault_plan):
-    """The pipeline without T5 is saved atomically, then the teacher's T5 is copied in, file for file."""
-    import tempfile
+    """The pipeline is written once into a temporary folder, completed there with the teacher's T5 files, and only
+    then published (atomically) into output_dir."""
 
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir))
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        copy_teacher_text_encoder(args, staging)
+    def add_teacher_text_encoder(folder):
+        copy_teacher_text_encoder(args, folder)
         fault_plan.maybe_kill("final_save", 0)
-        checkpointing.save_pipeline_atomically(_Staged(staging), output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
-
-class _Staged:
-    """A pipeline already written to a folder, saved again by copying that folder."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-
-    def save_pretrained(self, target, **_):
-        shutil.copytree(self.folder, target)
+    checkpointing.save_pipeline_atomically(pipe, output_dir, finalize=add_teacher_text_encoder)
 
 
 def write_model_card(args, output_dir, t_star, steps):
@@ -487,5 +467,4 @@ def push(args, output_dir):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main(parse_args()))

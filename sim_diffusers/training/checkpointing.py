@@ -91,9 +91,10 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, ke
     return removed
 
 
-def save_pipeline_atomically(pipeline, output_dir: str | os.PathLike, **save_kwargs) -> None:
+def save_pipeline_atomically(pipeline, output_dir: str | os.PathLike, finalize=None, **save_kwargs) -> None:
     """`pipeline.save_pretrained(output_dir)` that a kill at any moment cannot leave half-written.
 
+    `finalize(folder)`, when given, completes the written folder (e.g. adds files) before anything is published.
     Until the final rename of model_index.json, a previous complete pipeline in output_dir stays loadable component
     by component; checkpoints and other files in output_dir are left alone.
     """
@@ -101,6 +102,8 @@ def save_pipeline_atomically(pipeline, output_dir: str | os.PathLike, **save_kwa
     tmp = output_dir / f"{TMP_PREFIX}pipeline"
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
+    if finalize is not None:
+        finalize(tmp)
     index = output_dir / "model_index.json"
     if index.exists():  # from here until the end, the folder has no model_index.json: not loadable, not mixed
         os.replace(index, output_dir / f"{TMP_PREFIX}old-model_index.json")
