@@ -33,7 +33,6 @@ lazily. `benchmarks/ground_truth/` holds the scripts that build the teacher and 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+
+from .sampling import dpm_solver_sample
 
 CAPTION_COLORS = ("red", "blue", "green", "yellow", "purple", "white", "black", "pink", "brown", "gray")
 CAPTION_SHAPES = ("circle", "square", "triangle", "stripe", "dot", "star")
@@ -461,21 +462,6 @@ def sample_pipeline_latents(
 def evaluate_pipeline(pipe, world: GaussianMixtureWorld, num_samples: int = 256, seed: int = 0, **call_kwargs) -> dict:
     """`evaluate_pipeline_latents` of `sample_pipeline_latents`: e.g. a SIMOneStepPipeline being distilled."""
     return evaluate_pipeline_latents(world, sample_pipeline_latents(pipe, world, num_samples, seed, **call_kwargs))
-
-
-def dpm_solver_sample(
-    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler, noise: torch.Tensor, num_inference_steps
-) -> torch.Tensor:
-    """PixArtAlphaPipeline's denoising loop with any eps_fn(x_t, t); `scheduler` is copied, not stepped."""
-    scheduler = copy.deepcopy(scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    latents = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = eps_fn(scheduler.scale_model_input(latents, t), t)
-        latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-    return latents
 
 
 def _initial_noise(world, num_samples, seed, caption_idx, device="cpu"):

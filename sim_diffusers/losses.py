@@ -364,3 +364,20 @@ def step_is_finite(loss: torch.Tensor, parameters=None) -> bool:
     """
     grads = [p.grad for p in parameters if p.grad is not None] if parameters is not None else []
     return is_finite(loss, *grads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Teacher-ODE regression: the anchor that keeps every mode (docs/ground_truth.md).
+#
+# A one-step generator trained on a score divergence alone moves whole clusters of samples when the mode weights are
+# wrong (a deterministic generator cannot split a cluster by following one shared gradient), overshoots, and ends with
+# one mode per caption. Regressing a few of its samples onto the teacher's own ODE solution from the same noise (DMD's
+# regression term) fixes which noise goes to which mode; the teacher's ODE pushes noise forward to the teacher's
+# distribution, so this term and the divergence have the same minimiser.
+
+
+def regression_loss(x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error between generator samples and teacher-ODE targets from the same noise: (B,)."""
+    if x0.shape != target.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and target {tuple(target.shape)} differ in shape.")
+    return (x0.float() - target.float()).square().flatten(1).mean(dim=1)

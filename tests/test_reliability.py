@@ -260,6 +260,7 @@ BAD_INPUT_ROWS = [
     ("output_dir is a file", {"--output_dir": "{root}/a-file"}, r"--output_dir \S*a-file is a file"),
     ("batch size 0", {"--train_batch_size": "0"}, r"--train_batch_size must be >= 1, got 0"),
     ("max steps 0", {"--max_train_steps": "0"}, r"--max_train_steps must be >= 1, got 0"),
+    ("regression every 0", {"--regression_every": "0"}, r"Need --regression_loss_weight >= 0, --regression_every >= 1 .* got 1\.0, 0, 8"),
     ("unknown divergence", {"--divergence": "kl"}, r"Unknown --divergence 'kl'; choose one of sim, "),
     ("unknown tracker", {"--report_to": "mlflow"}, r"Unknown --report_to 'mlflow'; choose one of tensorboard, wandb, all, none"),
     ("xformers missing", {"--enable_xformers_memory_efficient_attention": None}, r"needs xformers: pip install xformers"),

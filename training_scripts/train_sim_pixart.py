@@ -12,6 +12,8 @@ One iteration (Luo et al. 2024, Alg. 1, in epsilon form):
   2. fake-score update: F learns the generator's distribution by epsilon MSE on detached x0 at random t;
   3. generator update: the SIM divergence (sim_diffusers.losses) on x_t = alpha_t x0 + sigma_t eps with x0's graph,
      guided teacher epsilon and F's epsilon with F's parameters frozen; the gradient reaches G through both;
+     plus, on one sample in --regression_every, the regression of x0 onto the guided teacher's ODE solution from the
+     same noise (without it each caption collapses onto one of its modes; docs/ground_truth.md);
   4. EMA of G (optional).
 x0 is computed once and shared by both updates (G does not change in between); see sim_diffusers/training/step.py.
 Runs as `python train_sim_pixart.py ...` (one process) or under `accelerate launch` (DDP, multi-node, FSDP).
@@ -89,6 +91,9 @@ def parse_args(input_args=None):
     g.add_argument("--loss_weighting", default="sigma2", help="w(t) of the generator loss: sigma2, uniform, ... (sim_diffusers.losses).")
     g.add_argument("--min_timestep", type=int, default=20, help="Smallest t of both updates.")
     g.add_argument("--max_timestep", type=int, default=979, help="Largest t of both updates.")
+    g.add_argument("--regression_loss_weight", type=float, default=1.0, help="Weight of the teacher-ODE regression term (DMD's) in the generator loss: it keeps every mode of each caption (plain SIM collapses to one; docs/ground_truth.md). 0 disables it.")
+    g.add_argument("--regression_every", type=int, default=4, help="One sample in N (by global sample index) also gets a regression target: the teacher's ODE from the generator's own noise.")
+    g.add_argument("--regression_num_inference_steps", type=int, default=8, help="DPM-Solver++ steps of the teacher for each regression target (2 forwards each with guidance, no backward).")
     g.add_argument("--fake_score_lora_rank", type=int, default=0, help="0: F is a full copy of the teacher. >0: F is a LoRA of this rank on the frozen teacher (peft), saving a model copy and its Adam states.")
     g.add_argument("--fake_score_lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator; it is what gets saved.")
@@ -156,7 +161,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from sim_diffusers import SIMOneStepPipeline
+    from sim_diffusers import SIMOneStepPipeline, sampling
     from sim_diffusers.generator import micro_conditions, one_step_generate
     from sim_diffusers.losses import get_divergence, is_finite
     from sim_diffusers.training import checkpointing, faults
@@ -173,7 +178,9 @@ def train(args, caption_set, teacher_facts, resume_path):
         register_checkpoint_hooks,
         validation_embeddings,
     )
-    from sim_diffusers.training.step import Conditioning, fake_score_update_loss, generator_update_loss
+    from sim_diffusers.training.step import (
+        Conditioning, fake_score_update_loss, generator_update_loss, regression_term, teacher_ode_targets,
+    )
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -254,6 +261,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     if args.divergence == "sid" and args.sid_alpha is not None:
         options["sid_alpha"] = args.sid_alpha
     accum = args.gradient_accumulation_steps
+    ode_scheduler = sampling.ode_scheduler(teacher_pipe.scheduler)
     stream = CaptionStream(caption_set.captions, args.seed, args.train_batch_size * accelerator.num_processes * accum, args.min_timestep, args.max_timestep)
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in public_arguments(vars(args)).items() if isinstance(v, (int, float, str, bool))}
@@ -316,7 +324,7 @@ def train(args, caption_set, teacher_facts, resume_path):
             f_norm, _ = apply_update("fake_score", f_losses, opt_f, sched_f, f_params)
 
             # 5c. Generator update through the guided teacher and the (frozen) fake score
-            g_losses, gaps = [], []
+            g_losses, gaps, regs = [], [], []
             for m, (cond, rnd) in enumerate(micro):
                 with _no_sync_unless(accelerator, generator_ddp, last=m == accum - 1):
                     x0 = x0_shared if x0_shared is not None else generate(rnd.noise, cond, with_graph=True)
@@ -324,6 +332,15 @@ def train(args, caption_set, teacher_facts, resume_path):
                         networks, x0, rnd.generator_timesteps, rnd.generator_noise, cond, alphas_cumprod,
                         divergence, args.guidance_scale, args.loss_weighting, options,
                     )
+                    if args.regression_loss_weight > 0:
+                        positions = stream.local_positions(step, m, args.train_batch_size, accelerator.process_index, accelerator.num_processes)
+                        index = torch.tensor([i for i, p in enumerate(positions) if p % args.regression_every == 0], dtype=torch.long, device=device)
+                        targets = None
+                        if len(index):
+                            targets = teacher_ode_targets(networks, ode_scheduler, rnd.noise[index], cond.select(index), args.guidance_scale, args.regression_num_inference_steps)
+                        loss_reg = regression_term(x0, targets, index, args.train_batch_size / args.regression_every)
+                        regs.append(loss_reg.detach())
+                        loss_g = loss_g + args.regression_loss_weight * loss_reg
                     loss_g = fault_plan.maybe_corrupt("generator_loss", step, loss_g)
                     accelerator.backward(loss_g / accum)
                     g_losses.append(loss_g.detach())
@@ -340,6 +357,7 @@ def train(args, caption_set, teacher_facts, resume_path):
             "loss/generator": torch.stack(g_losses).mean().item(),
             "loss/fake_score": torch.stack(f_losses).mean().item(),
             "eps_gap_teacher_fake": torch.stack(gaps).mean().item(),
+            **({"loss/regression": torch.stack(regs).mean().item()} if regs else {}),
             "lr/generator": sched_g.get_last_lr()[0],
             "lr/fake_score": sched_f.get_last_lr()[0],
             "nonfinite_skipped/generator": state.skipped["generator"],

@@ -93,6 +93,11 @@ def check_arguments(args) -> None:
         raise UserInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.")
     if not 0 <= args.min_timestep <= args.max_timestep:
         raise UserInputError(f"Need 0 <= --min_timestep <= --max_timestep, got {args.min_timestep}, {args.max_timestep}.")
+    if args.regression_loss_weight < 0 or args.regression_every < 1 or args.regression_num_inference_steps < 1:
+        raise UserInputError(
+            "Need --regression_loss_weight >= 0, --regression_every >= 1 and --regression_num_inference_steps >= 1, got "
+            f"{args.regression_loss_weight}, {args.regression_every}, {args.regression_num_inference_steps}."
+        )
     if (args.caption_file is None) == (args.dataset_name is None):
         raise UserInputError("Give exactly one caption source: --caption_file or --dataset_name.")
     output_dir = Path(args.output_dir)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import fake_score_loss, loss_weight
+from ..losses import fake_score_loss, loss_weight, regression_loss
+from ..sampling import dpm_solver_sample
 from ..schedule import alpha_sigma
 
 
@@ -34,6 +35,16 @@ class Conditioning:
     negative_prompt_embeds: torch.Tensor
     negative_prompt_attention_mask: torch.Tensor
     added_cond_kwargs: dict | None = None
+
+    def select(self, index: torch.Tensor) -> "Conditioning":
+        """The conditioning of the samples `index` of the batch."""
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: (v[index] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(
+            self.prompt_embeds[index], self.prompt_attention_mask[index],
+            self.negative_prompt_embeds[index], self.negative_prompt_attention_mask[index], added,
+        )
 
     @property
     def cond(self):
@@ -81,3 +92,25 @@ def generator_update_loss(
     with torch.no_grad():
         gap = (eps_teacher.float() - eps_fake.float()).square().flatten(1).mean(1).mean()
     return loss, {"eps_gap": gap}
+
+
+@torch.no_grad()
+def teacher_ode_targets(networks, scheduler, noise, conditioning: Conditioning, guidance_scale, num_inference_steps):
+    """x0 of the guided teacher's ODE (DPM-Solver++, `scheduler`) started at x_T = noise: the generator's own z, so
+    the pair (z, target) tells the generator which mode z belongs to (regression term, see losses.regression_loss)."""
+
+    def eps_fn(x_t, t):
+        return networks.teacher_eps(
+            x_t, t, conditioning.cond, conditioning.uncond, guidance_scale, conditioning.added_cond_kwargs
+        )
+
+    return dpm_solver_sample(eps_fn, scheduler, noise, num_inference_steps)
+
+
+def regression_term(x0, targets, index, expected_count: float):
+    """Sum of the per-sample regression losses of the samples `index`, over the number of such samples a batch holds
+    on average: the term is unbiased whatever the split of the global batch over processes (a local batch may hold
+    none)."""
+    if len(index) == 0:
+        return x0.sum() * 0.0
+    return regression_loss(x0[index], targets.to(x0.dtype)).sum() / expected_count
