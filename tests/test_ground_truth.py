@@ -245,3 +245,31 @@ def test_sample_pipeline_latents_of_the_one_step_generator(quick_teacher, world)
     assert not torch.equal(first[0], first[1])
     result = evaluate_pipeline_latents(world, first)
     assert set(result["mean"]) == {"fidelity", "coverage", "weight_tv", "mmd", "off_caption"}
+
+
+def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_path, monkeypatch):
+    """benchmarks/ground_truth/screen.py (the fast ablation loop) runs every option it offers and changes the generator."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path, config = quick_teacher
+    spec = importlib.util.spec_from_file_location("screen", Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth" / "screen.py")
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    monkeypatch.setattr(screen, "world_and_config", lambda args: (world, config))
+    out, saved = tmp_path / "screen.jsonl", tmp_path / "generator.pt"
+    args = screen.parse_args([
+        "--world", "quick", "--cache_dir", str(path.parent), "--steps", "2", "--eval_every", "1", "--num_samples", "8",
+        "--train_batch_size", "4", "--regression_weight", "1", "--regression_batch_size", "2",
+        "--regression_num_inference_steps", "2", "--regression_space", "denoised", "--ema_decay", "0.9",
+        "--lr_schedule", "cosine", "--fake_warmup_steps", "1", "--save", str(saved), "--out", str(out),
+    ])
+    screen.main(args)
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert [row["step"] for row in record["curve"]] == [0, 1, 2]
+    assert set(record["curve"][2]["ema"]) == {"fidelity", "coverage", "weight_tv", "mmd", "off_caption"}
+    teacher = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    trained = torch.load(saved, weights_only=True)
+    assert max((trained[k] - teacher[k]).abs().max().item() for k in teacher) > 0

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Fast in-process screening of SIM settings on the ground-truth teacher (no accelerate launch, no checkpoints).
+
+    python benchmarks/ground_truth/screen.py --name plain --steps 300
+    python benchmarks/ground_truth/screen.py --name regression --steps 400 --regression_weight 1
+
+The same package functions as the trainer (`one_step_generate`, `ScoreNetworks`, `fake_score_update_loss`,
+`generator_update_loss`, `teacher_ode_targets`' sampler) on captions drawn uniformly, with one torch RNG for the whole run
+(so runs with the same seed share their first steps exactly). It scores the live generator every --eval_every steps
+(256 samples per caption, the same noise as distill.py) and appends one JSON line per run to --out. It exists to try many
+settings in minutes; `distill.py` (the real trainer through `accelerate launch`, reloaded with `from_pretrained`) is the
+benchmark whose numbers the defaults rest on. docs/ground_truth.md lists what was screened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import add_world_and_teacher_args, world_and_config  # noqa: E402
+
+from sim_diffusers import SIMOneStepPipeline  # noqa: E402
+from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
+from sim_diffusers.ground_truth import (  # noqa: E402
+    encode_world_captions,
+    evaluate_pipeline_latents,
+    load_or_build_teacher,
+    sample_pipeline_latents,
+)
+from sim_diffusers.losses import get_divergence, regression_loss  # noqa: E402
+from sim_diffusers.sampling import dpm_solver_sample  # noqa: E402
+from sim_diffusers.schedule import timestep_for_ve_sigma  # noqa: E402
+from sim_diffusers.training.models import ScoreNetworks  # noqa: E402
+from sim_diffusers.training.step import Conditioning, fake_score_update_loss, generator_update_loss  # noqa: E402
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_and_teacher_args(parser)
+    parser.add_argument("--name", default="run")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval_every", type=int, default=100)
+    parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption at each evaluation.")
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr_generator", type=float, default=1e-4)
+    parser.add_argument("--lr_fake", type=float, default=1e-4)
+    parser.add_argument("--adam_beta1", type=float, default=0.0)
+    parser.add_argument("--fake_steps", type=int, default=1, help="Fake-score updates per generator update.")
+    parser.add_argument("--fake_warmup_steps", type=int, default=0, help="Fake-score updates before the first generator update.")
+    parser.add_argument("--divergence", default="sim")
+    parser.add_argument("--huber_c", type=float, default=None)
+    parser.add_argument("--loss_weighting", default="sigma2")
+    parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--min_timestep", type=int, default=20)
+    parser.add_argument("--max_timestep", type=int, default=979)
+    parser.add_argument("--no_divergence", action="store_true", help="Regression term only (the divergence is zeroed).")
+    parser.add_argument("--regression_weight", type=float, default=0.0)
+    parser.add_argument("--regression_batch_size", type=int, default=8, help="Extra samples per step with a teacher-ODE target.")
+    parser.add_argument("--regression_num_inference_steps", type=int, default=8)
+    parser.add_argument("--regression_until", type=int, default=None, help="Drop the regression term after this step.")
+    parser.add_argument("--regression_space", choices=("x0", "denoised"), default="x0",
+                        help="x0: MSE of samples; denoised: MSE of the teacher's x0 predictions of both, diffused to "
+                        "t in [--regression_t_low, --regression_t_high] with shared noise.")
+    parser.add_argument("--regression_t_low", type=int, default=500)
+    parser.add_argument("--regression_t_high", type=int, default=800)
+    parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="Of both networks.")
+    parser.add_argument("--ema_decay", type=float, default=None, help="Also score an EMA of the generator's weights.")
+    parser.add_argument("--save", default=None, help="Save the final generator's state dict (torch.save) here.")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "screen.jsonl"))
+    return parser.parse_args(input_args)
+
+
+def main(args):
+    world, config = world_and_config(args)
+    from diffusers import PixArtAlphaPipeline
+
+    teacher_pipe = PixArtAlphaPipeline.from_pretrained(load_or_build_teacher(world, config, args.cache_dir))
+    with torch.no_grad():
+        embeds, mask, empty_embeds, empty_mask = [x.detach() for x in encode_world_captions(teacher_pipe, world)]
+    alphas_cumprod = teacher_pipe.scheduler.alphas_cumprod
+    t_star = timestep_for_ve_sigma(alphas_cumprod, 2.5)
+    teacher = teacher_pipe.transformer
+    generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    networks = ScoreNetworks.build(copy.deepcopy(teacher))
+    betas = (args.adam_beta1, 0.999)
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=args.lr_generator, betas=betas, weight_decay=0.0)
+    opt_f = torch.optim.AdamW(networks.fake_score_parameters(), lr=args.lr_fake, betas=betas, weight_decay=0.0)
+    schedulers = []
+    if args.lr_schedule == "cosine":
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps) for opt in (opt_g, opt_f)]
+    divergence = get_divergence(args.divergence)
+    options = {"huber_c": args.huber_c} if args.huber_c is not None else {}
+    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe)
+    rng = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    shape, batch = world.latent_shape, args.train_batch_size
+
+    def draw_conditioning(size):
+        idx = torch.randint(0, world.num_captions, (batch,), generator=rng)[:size]
+        return Conditioning(embeds[idx], mask[idx], empty_embeds.expand(size, -1, -1), empty_mask.expand(size, -1))
+
+    def draw_timesteps(size=batch, low=args.min_timestep, high=args.max_timestep):
+        return torch.randint(low, high + 1, (size,), generator=rng)
+
+    def generate(z, cond):
+        return one_step_generate(generator, z, t_star, alphas_cumprod, cond.prompt_embeds, cond.prompt_attention_mask)
+
+    def fake_score_step():
+        cond = draw_conditioning(batch)
+        z = torch.randn((batch, *shape), generator=rng)
+        with torch.no_grad():
+            x0 = generate(z, cond)
+        loss = fake_score_update_loss(networks, networks.fake_score, x0, draw_timesteps(), torch.randn(x0.shape, generator=rng), cond, alphas_cumprod)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(networks.fake_score_parameters(), 1.0)
+        opt_f.step()
+        opt_f.zero_grad()
+
+    def teacher_eps(cond, grad):
+        def eps_fn(x_t, t):
+            with torch.set_grad_enabled(grad):
+                return guided_eps(networks.teacher, x_t, t, *cond.cond, *cond.uncond, args.guidance_scale)
+        return eps_fn
+
+    def regression(cond, size):
+        z = torch.randn((size, *shape), generator=rng)
+        with torch.no_grad():
+            target = dpm_solver_sample(teacher_eps(cond, False), teacher_pipe.scheduler, z, args.regression_num_inference_steps)
+        x0 = generate(z, cond)
+        if args.regression_space == "x0":
+            return regression_loss(x0, target).mean()
+        t = draw_timesteps(size, args.regression_t_low, args.regression_t_high)
+        alpha, sigma = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1), (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=rng)
+
+        def denoised(x, grad):
+            x_t = alpha * x + sigma * noise
+            return (x_t - sigma * teacher_eps(cond, grad)(x_t, t)) / alpha
+
+        return regression_loss(denoised(x0, True), denoised(target, False).detach()).mean()
+
+    ema = copy.deepcopy(generator).requires_grad_(False) if args.ema_decay is not None else None
+
+    def score(model):
+        one_step.transformer = model.eval()
+        with torch.no_grad():
+            metrics = evaluate_pipeline_latents(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=10_000))["mean"]
+        return {k: round(v, 4) for k, v in metrics.items()}
+
+    def evaluate(step):
+        row = {"step": step, **score(generator)}
+        generator.train()
+        if ema is not None:
+            row["ema"] = score(ema)
+        print(args.name, row, f"{time.time() - start:.0f}s", flush=True)
+        return row
+
+    start = time.time()
+    curve = [evaluate(0)]
+    for _ in range(args.fake_warmup_steps):
+        fake_score_step()
+    for step in range(1, args.steps + 1):
+        for _ in range(args.fake_steps):
+            fake_score_step()
+        cond = draw_conditioning(batch)
+        z = torch.randn((batch, *shape), generator=rng)
+        x0 = generate(z, cond)
+        loss, _ = generator_update_loss(networks, x0, draw_timesteps(), torch.randn(x0.shape, generator=rng), cond, alphas_cumprod, divergence, args.guidance_scale, args.loss_weighting, options)
+        if args.no_divergence:
+            loss = loss * 0
+        if args.regression_weight > 0 and (args.regression_until is None or step <= args.regression_until):
+            loss = loss + args.regression_weight * regression(draw_conditioning(args.regression_batch_size), args.regression_batch_size)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
+        opt_g.step()
+        opt_g.zero_grad()
+        for scheduler in schedulers:
+            scheduler.step()
+        if ema is not None:
+            with torch.no_grad():
+                ema_params, live_params = list(ema.parameters()), list(generator.parameters())
+                torch._foreach_lerp_(ema_params, live_params, 1.0 - args.ema_decay)
+        if step % args.eval_every == 0:
+            curve.append(evaluate(step))
+    if args.save:
+        torch.save(generator.state_dict(), args.save)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)}) + "\n")
+
+
+if __name__ == "__main__":
+    main(parse_args())
