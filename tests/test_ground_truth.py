@@ -259,7 +259,7 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
     screen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(screen)
     monkeypatch.setattr(screen, "world_and_config", lambda args: (world, config))
-    out, saved = tmp_path / "screen.jsonl", tmp_path / "generator.pt"
+    out, saved = tmp_path / "screen.jsonl", tmp_path / "generator.safetensors"
     args = screen.parse_args([
         "--world", "quick", "--cache_dir", str(path.parent), "--steps", "2", "--eval_every", "1", "--num_samples", "8",
         "--train_batch_size", "4", "--regression_weight", "1", "--regression_batch_size", "2",
@@ -271,5 +271,5 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
     assert [row["step"] for row in record["curve"]] == [0, 1, 2]
     assert set(record["curve"][2]["ema"]) == {"fidelity", "coverage", "weight_tv", "mmd", "off_caption"}
     teacher = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
-    trained = torch.load(saved, weights_only=True)
+    trained = load_file(str(saved))
     assert max((trained[k] - teacher[k]).abs().max().item() for k in teacher) > 0

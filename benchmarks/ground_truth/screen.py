@@ -75,7 +75,7 @@ def parse_args(input_args=None):
     parser.add_argument("--regression_t_high", type=int, default=800)
     parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="Of both networks.")
     parser.add_argument("--ema_decay", type=float, default=None, help="Also score an EMA of the generator's weights.")
-    parser.add_argument("--save", default=None, help="Save the final generator's state dict (torch.save) here.")
+    parser.add_argument("--save", default=None, help="Save the final generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "screen.jsonl"))
     return parser.parse_args(input_args)
 
@@ -193,7 +193,9 @@ def main(args):
         if step % args.eval_every == 0:
             curve.append(evaluate(step))
     if args.save:
-        torch.save(generator.state_dict(), args.save)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, args.save)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)}) + "\n")
