@@ -13,10 +13,9 @@ def ode_scheduler(scheduler_or_config):
     """DPM-Solver++ (PixArt-alpha's sampler) on the teacher's noise schedule, whatever scheduler the teacher ships."""
     from diffusers import DPMSolverMultistepScheduler
 
-    config = getattr(scheduler_or_config, "config", scheduler_or_config)
-    if getattr(scheduler_or_config, "__class__", None) is DPMSolverMultistepScheduler:
+    if isinstance(scheduler_or_config, DPMSolverMultistepScheduler):
         return copy.deepcopy(scheduler_or_config)
-    return DPMSolverMultistepScheduler.from_config(config)
+    return DPMSolverMultistepScheduler.from_config(getattr(scheduler_or_config, "config", scheduler_or_config))
 
 
 def dpm_solver_sample(
