@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPip
 from sim_diffusers import SIMOneStepPipeline
 from sim_diffusers.generator import predict_eps
 from sim_diffusers.ground_truth import (
-    WORLD_FILE,
+    METRIC_KEYS,
     GaussianMixtureWorld,
     TeacherConfig,
     caption_metrics,
@@ -273,3 +273,38 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
     teacher = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
     trained = load_file(str(saved))
     assert max((trained[k] - teacher[k]).abs().max().item() for k in teacher) > 0
+
+
+def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher, world, tmp_path, monkeypatch):
+    """fit_ode_map.py fits the generator to cached teacher-ODE pairs; screen.py --init_generator starts from its weights
+    (its step-0 scores are the fit's last ones: same weights, same evaluation noise)."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path, config = quick_teacher
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth"
+    modules = {}
+    for name in ("fit_ode_map", "screen"):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+        monkeypatch.setattr(modules[name], "world_and_config", lambda args: (world, config))
+    common = ["--world", "quick", "--cache_dir", str(path.parent), "--num_samples", "8"]
+    saved, fit_out = tmp_path / "fit.safetensors", tmp_path / "fit.jsonl"
+    fit_args = common + ["--num_pairs", "4", "--num_inference_steps", "2", "--steps", "3", "--eval_every", "3",
+                         "--train_batch_size", "4", "--lr", "1e-3", "--save", str(saved), "--out", str(fit_out)]
+    modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(fit_args))
+    assert any(p.name.startswith("ode_pairs_") for p in path.parent.iterdir())  # the pairs are cached for the next fit
+    modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(fit_args))  # from the cached pairs: the same fit
+    first, second = [json.loads(line) for line in fit_out.read_text().splitlines()]
+    assert first["curve"] == second["curve"]
+    teacher = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert max((load_file(str(saved))[k] - teacher[k]).abs().max().item() for k in teacher) > 0
+
+    screen_out = tmp_path / "screen.jsonl"
+    modules["screen"].main(modules["screen"].parse_args(common + [
+        "--steps", "0", "--init_generator", str(saved), "--out", str(screen_out)]))
+    start = json.loads(screen_out.read_text())["curve"][0]
+    assert {k: start[k] for k in METRIC_KEYS} == {k: first["curve"][-1][k] for k in METRIC_KEYS}

@@ -192,3 +192,16 @@ def test_bf16_lora_fake_score_ema_and_push_to_hub(tiny_teacher_path, captions_fi
     assert max_difference(saved, live) > 1e-6
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert "base_model" not in (out / "README.md").read_text().split("---")[1]  # a local teacher has no Hub id
+
+
+def test_regression_warmup_trains_on_the_regression_term_alone(tiny_teacher_path, captions_file, tmp_path):
+    """During --regression_warmup_steps the divergence takes no part: runs that differ only in it end equal."""
+    warm = ["--train_batch_size", "2", "--max_train_steps", "1", "--regression_warmup_steps", "1", "--checkpointing_steps", "10"]
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "sim", *warm, "--divergence", "sim")
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "sid", *warm, "--divergence", "sid")
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "sid_no_warmup", *warm[:-4], "--checkpointing_steps", "10", "--divergence", "sid")
+    teacher = load_file(str(Path(tiny_teacher_path) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    sim, sid = transformer_weights(tmp_path / "sim"), transformer_weights(tmp_path / "sid")
+    assert max_difference(sim, sid) < 1e-7
+    assert max_difference(sim, teacher) > 1e-3  # the regression term did train the generator
+    assert max_difference(transformer_weights(tmp_path / "sid_no_warmup"), sid) > 1e-4

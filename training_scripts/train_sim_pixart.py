@@ -13,7 +13,8 @@ One iteration (Luo et al. 2024, Alg. 1, in epsilon form):
   3. generator update: the SIM divergence (sim_diffusers.losses) on x_t = alpha_t x0 + sigma_t eps with x0's graph,
      guided teacher epsilon and F's epsilon with F's parameters frozen; the gradient reaches G through both;
      plus, on one sample in --regression_every, the regression of x0 onto the guided teacher's ODE solution from the
-     same noise (without it each caption collapses onto one of its modes; docs/ground_truth.md);
+     same noise (without it each caption collapses onto one of its modes; docs/ground_truth.md); during the first
+     --regression_warmup_steps the generator learns from that regression alone, on every sample;
   4. EMA of G (optional).
 x0 is computed once and shared by both updates (G does not change in between); see sim_diffusers/training/step.py.
 Runs as `python train_sim_pixart.py ...` (one process) or under `accelerate launch` (DDP, multi-node, FSDP).
@@ -94,6 +95,8 @@ def parse_args(input_args=None):
     g.add_argument("--regression_loss_weight", type=float, default=1.0, help="Weight of the teacher-ODE regression term (DMD's) in the generator loss: it keeps every mode of each caption (plain SIM collapses to one; docs/ground_truth.md). 0 disables it.")
     g.add_argument("--regression_every", type=int, default=4, help="One sample in N (by global sample index) also gets a regression target: the teacher's ODE from the generator's own noise.")
     g.add_argument("--regression_num_inference_steps", type=int, default=8, help="DPM-Solver++ steps of the teacher for each regression target (2 forwards each with guidance, no backward).")
+    g.add_argument("--regression_warmup_steps", type=int, default=0, help="First N steps: the generator learns from the regression term alone, on every sample (no divergence), at --regression_warmup_learning_rate; the fake score trains as usual, so it is current when the divergence starts.")
+    g.add_argument("--regression_warmup_learning_rate", type=float, default=None, help="Generator learning rate during the regression warm-up (default: 10x --learning_rate).")
     g.add_argument("--fake_score_lora_rank", type=int, default=0, help="0: F is a full copy of the teacher. >0: F is a LoRA of this rank on the frozen teacher (peft), saving a model copy and its Adam states.")
     g.add_argument("--fake_score_lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator; it is what gets saved.")
@@ -255,6 +258,7 @@ def train(args, caption_set, teacher_facts, resume_path):
         accelerator.load_state(str(resume_path))
         state.load(resume_path)
     divergence = get_divergence(args.divergence)
+    regression_warmup_lr = args.regression_warmup_learning_rate or 10.0 * args.learning_rate
     options = {}
     if args.divergence == "sim" and args.huber_c is not None:
         options["huber_c"] = args.huber_c
@@ -323,28 +327,37 @@ def train(args, caption_set, teacher_facts, resume_path):
                     x0_shared = x0 if accum == 1 else None
             f_norm, _ = apply_update("fake_score", f_losses, opt_f, sched_f, f_params)
 
-            # 5c. Generator update through the guided teacher and the (frozen) fake score
+            # 5c. Generator update through the guided teacher and the (frozen) fake score; during the regression
+            # warm-up, the regression term alone on every sample
+            warming_up = step < args.regression_warmup_steps
+            if warming_up:
+                for group in opt_g.param_groups:
+                    group["lr"] = regression_warmup_lr
+            lr_g = opt_g.param_groups[0]["lr"]
+            every = 1 if warming_up else args.regression_every
             g_losses, gaps, regs = [], [], []
             for m, (cond, rnd) in enumerate(micro):
                 with _no_sync_unless(accelerator, generator_ddp, last=m == accum - 1):
                     x0 = x0_shared if x0_shared is not None else generate(rnd.noise, cond, with_graph=True)
-                    loss_g, stats = generator_update_loss(
-                        networks, x0, rnd.generator_timesteps, rnd.generator_noise, cond, alphas_cumprod,
-                        divergence, args.guidance_scale, args.loss_weighting, options,
-                    )
+                    loss_g = x0.sum() * 0.0
+                    if not warming_up:
+                        loss_g, stats = generator_update_loss(
+                            networks, x0, rnd.generator_timesteps, rnd.generator_noise, cond, alphas_cumprod,
+                            divergence, args.guidance_scale, args.loss_weighting, options,
+                        )
+                        gaps.append(stats["eps_gap"])
                     if args.regression_loss_weight > 0:
                         positions = stream.local_positions(step, m, args.train_batch_size, accelerator.process_index, accelerator.num_processes)
-                        index = torch.tensor([i for i, p in enumerate(positions) if p % args.regression_every == 0], dtype=torch.long, device=device)
+                        index = torch.tensor([i for i, p in enumerate(positions) if p % every == 0], dtype=torch.long, device=device)
                         targets = None
                         if len(index):
                             targets = teacher_ode_targets(networks, ode_scheduler, rnd.noise[index], cond.select(index), args.guidance_scale, args.regression_num_inference_steps)
-                        loss_reg = regression_term(x0, targets, index, args.train_batch_size / args.regression_every)
+                        loss_reg = regression_term(x0, targets, index, args.train_batch_size / every)
                         regs.append(loss_reg.detach())
-                        loss_g = loss_g + args.regression_loss_weight * loss_reg
+                        loss_g = loss_g + (1.0 if warming_up else args.regression_loss_weight) * loss_reg
                     loss_g = fault_plan.maybe_corrupt("generator_loss", step, loss_g)
                     accelerator.backward(loss_g / accum)
                     g_losses.append(loss_g.detach())
-                    gaps.append(stats["eps_gap"])
             fault_plan.maybe_kill("step", step)
             g_norm, g_ok = apply_update("generator", g_losses, opt_g, sched_g, g_params)
         if ema is not None and g_ok:
@@ -356,9 +369,10 @@ def train(args, caption_set, teacher_facts, resume_path):
         logs = {
             "loss/generator": torch.stack(g_losses).mean().item(),
             "loss/fake_score": torch.stack(f_losses).mean().item(),
-            "eps_gap_teacher_fake": torch.stack(gaps).mean().item(),
+            **({"eps_gap_teacher_fake": torch.stack(gaps).mean().item()} if gaps else {}),
             **({"loss/regression": torch.stack(regs).mean().item()} if regs else {}),
-            "lr/generator": sched_g.get_last_lr()[0],
+            "regression_warmup": int(warming_up),
+            "lr/generator": lr_g,
             "lr/fake_score": sched_f.get_last_lr()[0],
             "nonfinite_skipped/generator": state.skipped["generator"],
             "nonfinite_skipped/fake_score": state.skipped["fake_score"],

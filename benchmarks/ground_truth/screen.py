@@ -61,6 +61,7 @@ def parse_args(input_args=None):
     parser.add_argument("--huber_c", type=float, default=None)
     parser.add_argument("--loss_weighting", default="sigma2")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--conditioning_timestep", type=int, default=None, help="t*; default VE sigma 2.5 (t = 440).")
     parser.add_argument("--min_timestep", type=int, default=20)
     parser.add_argument("--max_timestep", type=int, default=979)
     parser.add_argument("--no_divergence", action="store_true", help="Regression term only (the divergence is zeroed).")
@@ -75,6 +76,8 @@ def parse_args(input_args=None):
     parser.add_argument("--regression_t_high", type=int, default=800)
     parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="Of both networks.")
     parser.add_argument("--ema_decay", type=float, default=None, help="Also score an EMA of the generator's weights.")
+    parser.add_argument("--init_generator", default=None, help="Start the generator from these weights (safetensors), "
+                        "e.g. fit_ode_map.py --save.")
     parser.add_argument("--save", default=None, help="Save the final generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "screen.jsonl"))
     return parser.parse_args(input_args)
@@ -88,9 +91,13 @@ def main(args):
     with torch.no_grad():
         embeds, mask, empty_embeds, empty_mask = [x.detach() for x in encode_world_captions(teacher_pipe, world)]
     alphas_cumprod = teacher_pipe.scheduler.alphas_cumprod
-    t_star = timestep_for_ve_sigma(alphas_cumprod, 2.5)
+    t_star = args.conditioning_timestep or timestep_for_ve_sigma(alphas_cumprod, 2.5)
     teacher = teacher_pipe.transformer
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    if args.init_generator:
+        from safetensors.torch import load_file
+
+        generator.load_state_dict(load_file(args.init_generator))
     networks = ScoreNetworks.build(copy.deepcopy(teacher))
     betas = (args.adam_beta1, 0.999)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=args.lr_generator, betas=betas, weight_decay=0.0)
@@ -100,7 +107,7 @@ def main(args):
         schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps) for opt in (opt_g, opt_f)]
     divergence = get_divergence(args.divergence)
     options = {"huber_c": args.huber_c} if args.huber_c is not None else {}
-    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe)
+    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=t_star)
     rng = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     shape, batch = world.latent_shape, args.train_batch_size

@@ -98,6 +98,13 @@ def check_arguments(args) -> None:
             "Need --regression_loss_weight >= 0, --regression_every >= 1 and --regression_num_inference_steps >= 1, got "
             f"{args.regression_loss_weight}, {args.regression_every}, {args.regression_num_inference_steps}."
         )
+    if args.regression_warmup_steps < 0 or (args.regression_warmup_learning_rate is not None and args.regression_warmup_learning_rate <= 0):
+        raise UserInputError(
+            "Need --regression_warmup_steps >= 0 and --regression_warmup_learning_rate > 0, got "
+            f"{args.regression_warmup_steps}, {args.regression_warmup_learning_rate}."
+        )
+    if args.regression_warmup_steps > 0 and args.regression_loss_weight == 0:
+        raise UserInputError("--regression_warmup_steps trains on the regression term: it needs --regression_loss_weight > 0.")
     if (args.caption_file is None) == (args.dataset_name is None):
         raise UserInputError("Give exactly one caption source: --caption_file or --dataset_name.")
     output_dir = Path(args.output_dir)

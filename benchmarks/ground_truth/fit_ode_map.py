@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""How well can the one-step network learn the teacher's ODE map by regression alone?
+
+    python benchmarks/ground_truth/fit_ode_map.py --num_pairs 2048 --steps 3000
+
+A diagnostic for the regression term of the trainer: it draws `--num_pairs` noises per caption once, solves the
+teacher's ODE from each (DPM-Solver++, `--num_inference_steps`, guidance 1), and fits the one-step generator
+(initialised from the teacher at t*) to those pairs by mean squared error only, with no divergence and no fake score.
+It scores the generator on held-out noise (the same noise as distill.py and screen.py) every --eval_every steps and
+appends one JSON line to --out. If this fit stays blurry, the anchor alone cannot make samples sharp at this size; if
+it becomes sharp, the limit of SIM + regression lies in how the two terms interact, not in the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import add_world_and_teacher_args, world_and_config  # noqa: E402
+
+from sim_diffusers import SIMOneStepPipeline  # noqa: E402
+from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
+from sim_diffusers.ground_truth import (  # noqa: E402
+    encode_world_captions,
+    evaluate_pipeline_latents,
+    load_or_build_teacher,
+    sample_pipeline_latents,
+    sample_teacher_latents,
+    teacher_cache_key,
+)
+from sim_diffusers.sampling import dpm_solver_sample  # noqa: E402
+from sim_diffusers.schedule import timestep_for_ve_sigma  # noqa: E402
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_world_and_teacher_args(parser)
+    parser.add_argument("--name", default="fit")
+    parser.add_argument("--num_pairs", type=int, default=2048, help="Training pairs per caption (0: fresh pairs each step).")
+    parser.add_argument("--num_inference_steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--eval_every", type=int, default=500)
+    parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption at each evaluation.")
+    parser.add_argument("--train_batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--conditioning_timestep", type=int, default=None, help="t*; default VE sigma 2.5 (t = 440).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", default=None, help="Save the fitted generator's weights here (safetensors).")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "fit_ode_map.jsonl"))
+    return parser.parse_args(input_args)
+
+
+def main(args):
+    world, config = world_and_config(args)
+    from diffusers import PixArtAlphaPipeline
+
+    teacher_pipe = PixArtAlphaPipeline.from_pretrained(load_or_build_teacher(world, config, args.cache_dir))
+    teacher = teacher_pipe.transformer.requires_grad_(False)
+    with torch.no_grad():
+        embeds, mask, empty_embeds, empty_mask = [x.detach() for x in encode_world_captions(teacher_pipe, world)]
+    alphas_cumprod = teacher_pipe.scheduler.alphas_cumprod
+    t_star = args.conditioning_timestep or timestep_for_ve_sigma(alphas_cumprod, 2.5)
+    rng = torch.Generator().manual_seed(args.seed)
+    shape = world.latent_shape
+
+    @torch.no_grad()
+    def ode_targets(z, idx):
+        def eps_fn(x_t, t):
+            return guided_eps(teacher, x_t, t, embeds[idx], mask[idx], empty_embeds.expand(len(idx), -1, -1),
+                              empty_mask.expand(len(idx), -1), 1.0)
+        return dpm_solver_sample(eps_fn, teacher_pipe.scheduler, z, args.num_inference_steps)
+
+    start = time.time()
+    pool = None
+    if args.num_pairs > 0:
+        from safetensors.torch import load_file, save_file
+
+        cache = Path(args.cache_dir or REPO / ".cache" / "ground_truth") / (
+            f"ode_pairs_{teacher_cache_key(world, config)}_{args.num_pairs}"
+            f"_{args.num_inference_steps}_{args.seed}.safetensors")
+        if cache.exists():
+            pool = tuple(load_file(cache)[k] for k in ("index", "noise", "target"))
+        else:
+            idx = torch.arange(world.num_captions).repeat_interleave(args.num_pairs)
+            z = torch.randn((len(idx), *shape), generator=torch.Generator().manual_seed(args.seed + 1))
+            targets = torch.cat([ode_targets(z[i:i + 512], idx[i:i + 512]) for i in range(0, len(idx), 512)])
+            pool = (idx, z, targets)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"index": idx, "noise": z.contiguous(), "target": targets.contiguous()}, cache)
+        print(f"{len(pool[0])} pairs in {time.time() - start:.0f}s", flush=True)
+
+    generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(args.adam_beta1, 0.999), weight_decay=0.0)
+    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=t_star)
+
+    # The teacher's ODE solutions from the evaluation noise: the held-out regression error.
+    held_out = sample_teacher_latents(teacher_pipe, world, args.num_samples, args.num_inference_steps, seed=10_000)
+
+    def evaluate(step):
+        one_step.transformer = generator.eval()
+        with torch.no_grad():
+            samples = sample_pipeline_latents(one_step, world, args.num_samples, seed=10_000)
+            metrics = evaluate_pipeline_latents(world, samples)["mean"]
+        generator.train()
+        mse = torch.stack([(x - y).square().mean() for x, y in zip(samples, held_out)]).mean().item()
+        row = {"step": step, **{k: round(v, 4) for k, v in metrics.items()}, "held_out_mse": round(mse, 5)}
+        print(args.name, row, f"{time.time() - start:.0f}s", flush=True)
+        return row
+
+    curve = [evaluate(0)]
+    for step in range(1, args.steps + 1):
+        if pool is not None:
+            pick = torch.randint(0, len(pool[0]), (args.train_batch_size,), generator=rng)
+            idx, z, target = pool[0][pick], pool[1][pick], pool[2][pick]
+        else:
+            idx = torch.randint(0, world.num_captions, (args.train_batch_size,), generator=rng)
+            z = torch.randn((args.train_batch_size, *shape), generator=rng)
+            target = ode_targets(z, idx)
+        x0 = one_step_generate(generator, z, t_star, alphas_cumprod, embeds[idx], mask[idx])
+        loss = (x0 - target).square().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if step % args.eval_every == 0:
+            curve.append({**evaluate(step), "train_mse": round(loss.item(), 5)})
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, args.save)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)}) + "\n")
+
+
+if __name__ == "__main__":
+    main(parse_args())
