@@ -475,7 +475,7 @@ def static_memory(s: Setup) -> dict:
         opt = getattr(opt, "optimizer", opt)  # AcceleratedOptimizer wraps the torch one
         return configs.tensor_bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
 
-    gen, fake, teacher = s.generator, s.networks.fake_score, s.networks.teacher
+    gen, teacher = s.generator, s.networks.teacher
     out = {
         "generator_parameters": configs.tensor_bytes(gen.parameters()),
         "generator_gradients": configs.tensor_bytes(p for p in gen.parameters() if p.requires_grad),

@@ -10,7 +10,7 @@ bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 out=${1:-outputs/demo}
 .venv/bin/python benchmarks/ground_truth/distill.py --world quick --max_train_steps 300 --eval_every 100 \
-    --num_samples 128 --baselines --name demo --output_dir "$out"
+    --num_samples 128 --baselines --name demo --output_dir "$out" -- --regression_warmup_steps 200
 .venv/bin/python examples/generate.py --model "$out/runs/demo-seed0" --output_dir "$out/images" \
     --no_resolution_binning "a red circle" "a blue square"
 echo "Pipeline: $out/runs/demo-seed0 (SIMOneStepPipeline.from_pretrained), table: $out/demo.md, figure: $out/demo.png"

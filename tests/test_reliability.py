@@ -577,3 +577,10 @@ def test_weights_are_safetensors_and_accelerate_state_loads_weights_only(uninter
         for checkpoint in checkpointing.complete_checkpoints(output_dir):
             assert {"generator", "fake_score"} <= {p.parent.name for p in checkpoint.rglob("*.safetensors")}
             assert not list(checkpoint.glob("custom_checkpoint_*"))  # Accelerate unpickles those with weights_only=False
+
+
+def test_regression_warmup_defaults_on_with_the_regression_term_and_off_without(trainer):
+    base = ["--pretrained_model_name_or_path", "t", "--caption_file", "c.txt"]
+    assert trainer.parse_args(base).regression_warmup_steps == trainer.DEFAULT_REGRESSION_WARMUP_STEPS > 0
+    assert trainer.parse_args(base + ["--regression_loss_weight", "0"]).regression_warmup_steps == 0  # plain SIM as asked
+    assert trainer.parse_args(base + ["--regression_warmup_steps", "7"]).regression_warmup_steps == 7

@@ -20,7 +20,8 @@ SCRIPT = REPO / "training_scripts" / "train_sim_pixart.py"
 CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a house by the lake", "a small boat on the river", "a bright sun"]
 # Adam with a large epsilon is close to SGD: float noise in tiny gradients is not blown up to +-lr by the
 # normalisation, so runs that should agree agree to float precision, and runs that should not differ clearly.
-COMMON = ["--max_train_steps", "3", "--report_to", "none", "--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2", "--adam_epsilon", "1.0", "--seed", "3"]
+# --regression_warmup_steps 0: these short runs test the SIM iteration itself (the warm-up has its own test).
+COMMON = ["--max_train_steps", "3", "--report_to", "none", "--regression_warmup_steps", "0", "--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2", "--adam_epsilon", "1.0", "--seed", "3"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -205,3 +206,6 @@ def test_regression_warmup_trains_on_the_regression_term_alone(tiny_teacher_path
     assert max_difference(sim, sid) < 1e-7
     assert max_difference(sim, teacher) > 1e-3  # the regression term did train the generator
     assert max_difference(transformer_weights(tmp_path / "sid_no_warmup"), sid) > 1e-4
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "slow", *warm, "--regression_warmup_learning_rate", "1e-3")
+    slow = transformer_weights(tmp_path / "slow")  # default 10 x 1e-2: the warm-up learning rate is the one used
+    assert 0 < max_difference(slow, teacher) < 0.1 * max_difference(sim, teacher)

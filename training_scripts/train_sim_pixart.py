@@ -34,6 +34,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "sim_pixart.md"
 logger = logging.getLogger("train_sim_pixart")
+# Regression warm-up of the generator before SIM starts (docs/ground_truth.md: on the ground-truth world it gives
+# every metric a better start than SIM from the teacher's weights, and SIM keeps improving it from there).
+DEFAULT_REGRESSION_WARMUP_STEPS = 1000
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -95,7 +98,7 @@ def parse_args(input_args=None):
     g.add_argument("--regression_loss_weight", type=float, default=1.0, help="Weight of the teacher-ODE regression term (DMD's) in the generator loss: it keeps every mode of each caption (plain SIM collapses to one; docs/ground_truth.md). 0 disables it.")
     g.add_argument("--regression_every", type=int, default=4, help="One sample in N (by global sample index) also gets a regression target: the teacher's ODE from the generator's own noise.")
     g.add_argument("--regression_num_inference_steps", type=int, default=8, help="DPM-Solver++ steps of the teacher for each regression target (2 forwards each with guidance, no backward).")
-    g.add_argument("--regression_warmup_steps", type=int, default=0, help="First N steps: the generator learns from the regression term alone, on every sample (no divergence), at --regression_warmup_learning_rate; the fake score trains as usual, so it is current when the divergence starts.")
+    g.add_argument("--regression_warmup_steps", type=int, default=None, help=f"First N steps: the generator learns from the regression term alone, on every sample (no divergence), at --regression_warmup_learning_rate; the fake score trains as usual, so it is current when the divergence starts. Default: {DEFAULT_REGRESSION_WARMUP_STEPS} with the regression term on, 0 with it off.")
     g.add_argument("--regression_warmup_learning_rate", type=float, default=None, help="Generator learning rate during the regression warm-up (default: 10x --learning_rate).")
     g.add_argument("--fake_score_lora_rank", type=int, default=0, help="0: F is a full copy of the teacher. >0: F is a LoRA of this rank on the frozen teacher (peft), saving a model copy and its Adam states.")
     g.add_argument("--fake_score_lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
@@ -129,6 +132,8 @@ def parse_args(input_args=None):
     g.add_argument("--dry_run", action="store_true", help="Validate arguments and inputs, print the resolved configuration, and exit.")
 
     args = parser.parse_args(input_args)
+    if args.regression_warmup_steps is None:
+        args.regression_warmup_steps = DEFAULT_REGRESSION_WARMUP_STEPS if args.regression_loss_weight > 0 else 0
     return args
 
 

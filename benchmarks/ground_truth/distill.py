@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Distil the ground-truth world's PixArt teacher with the real trainer and score the one-step generator exactly.
 
-    python benchmarks/ground_truth/distill.py --world quick --max_train_steps 300          # a few minutes on 2 cores
+    python benchmarks/ground_truth/distill.py --world quick --max_train_steps 300 -- --regression_warmup_steps 200
     python benchmarks/ground_truth/distill.py --seeds 0 1 2 --baselines                     # the full benchmark
     python benchmarks/ground_truth/distill.py --name plain -- --regression_loss_weight 0     # an ablation: trainer args
 
@@ -39,12 +39,12 @@ from sim_diffusers.ground_truth import (  # noqa: E402
 )
 
 # The benchmark's trainer settings. Guidance 1: the metrics compare against the world itself, which is what the
-# unguided teacher samples; guided distillation is an ablation (`-- --guidance_scale 4.5`). Learning rate 1e-4 for
-# both networks: at the trainer's defaults (5e-6 / 5e-5, meant for the 600M PixArt-XL, as SiD uses 1e-5..1e-6 at that
-# scale) the tiny generator barely moves in 600 steps (docs/ground_truth.md); everything else is the trainer's default. Later arguments (after
-# `--`) override these.
+# unguided teacher samples; guided distillation is an ablation (`-- --guidance_scale 4.5`). Learning rates G 1e-5,
+# F 1e-4 (the trainer's 1:10 ratio; its 5e-6 / 5e-5 are meant for the 600M PixArt-XL), so the regression warm-up runs
+# at 1e-4. Everything else is the trainer's default, including the 1000-step regression warm-up. Later arguments
+# (after `--`) override these.
 TRAINER_DEFAULTS = [
-    "--train_batch_size", "32", "--guidance_scale", "1.0", "--learning_rate", "1e-4", "--fake_score_learning_rate", "1e-4",
+    "--train_batch_size", "32", "--guidance_scale", "1.0", "--learning_rate", "1e-5", "--fake_score_learning_rate", "1e-4",
     "--report_to", "none",
 ]
 
@@ -52,7 +52,7 @@ TRAINER_DEFAULTS = [
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_and_teacher_args(parser)
-    parser.add_argument("--max_train_steps", type=int, default=600)
+    parser.add_argument("--max_train_steps", type=int, default=1400, help="1000 of regression warm-up, then 400 of SIM.")
     parser.add_argument("--eval_every", type=int, default=100, help="Checkpoint and evaluation interval.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption.")
