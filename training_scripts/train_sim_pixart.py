@@ -335,9 +335,10 @@ def train(args, caption_set, teacher_facts, resume_path):
             # 5c. Generator update through the guided teacher and the (frozen) fake score; during the regression
             # warm-up, the regression term alone on every sample
             warming_up = step < args.regression_warmup_steps
-            if warming_up:
-                for group in opt_g.param_groups:
-                    group["lr"] = regression_warmup_lr
+            # Set every step: the schedule's value (computed from the base rates, so untouched by the warm-up) is
+            # restored even when the last warm-up update was skipped and the scheduler did not step.
+            for group, scheduled in zip(opt_g.param_groups, sched_g.get_last_lr()):
+                group["lr"] = regression_warmup_lr if warming_up else scheduled
             lr_g = opt_g.param_groups[0]["lr"]
             every = 1 if warming_up else args.regression_every
             g_losses, gaps, regs = [], [], []
