@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -258,7 +259,7 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
     spec = importlib.util.spec_from_file_location("screen", Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth" / "screen.py")
     screen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(screen)
-    monkeypatch.setattr(screen, "world_and_config", lambda args: (world, config))
+    monkeypatch.setattr(sys.modules["_common"], "world_and_config", lambda args: (world, config))
     out, saved = tmp_path / "screen.jsonl", tmp_path / "generator.safetensors"
     args = screen.parse_args([
         "--world", "quick", "--cache_dir", str(path.parent), "--steps", "2", "--eval_every", "1", "--num_samples", "8",
@@ -290,7 +291,7 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
         spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
         modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(modules[name])
-        monkeypatch.setattr(modules[name], "world_and_config", lambda args: (world, config))
+    monkeypatch.setattr(sys.modules["_common"], "world_and_config", lambda args: (world, config))
     common = ["--world", "quick", "--cache_dir", str(path.parent), "--num_samples", "8"]
     saved, fit_out = tmp_path / "fit.safetensors", tmp_path / "fit.jsonl"
     fit_args = common + ["--num_pairs", "4", "--num_inference_steps", "2", "--steps", "3", "--eval_every", "3",

@@ -1,9 +1,13 @@
-"""Command-line options shared by the ground-truth scripts: the world and the teacher's settings."""
+"""What the ground-truth scripts share: the world and teacher options, and the set-up, scoring and records of the
+in-process loops."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -33,3 +37,59 @@ def world_and_config(args) -> tuple[GaussianMixtureWorld, TeacherConfig]:
     if args.world == "quick":
         return GaussianMixtureWorld.quick(seed=args.world_seed), TeacherConfig.quick(**overrides)
     return GaussianMixtureWorld(seed=args.world_seed), TeacherConfig(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The in-process loops (screen.py, fit_ode_map.py): teacher, embeddings, scoring and records, written once.
+
+EVALUATION_SEED = 10_000  # the held-out noise of every score (distill.py samples its checkpoints from the same)
+
+
+def load_teacher_setup(args):
+    """(world, teacher pipeline, (embeds, mask, empty_embeds, empty_mask) per caption, one-step pipeline at
+    --conditioning_timestep, whose `conditioning_timestep` is the resolved t*)."""
+    from diffusers import PixArtAlphaPipeline
+
+    from sim_diffusers import SIMOneStepPipeline
+    from sim_diffusers.ground_truth import encode_world_captions, load_or_build_teacher
+
+    world, config = world_and_config(args)
+    teacher_pipe = PixArtAlphaPipeline.from_pretrained(load_or_build_teacher(world, config, args.cache_dir))
+    with torch.no_grad():
+        embeddings = tuple(x.detach() for x in encode_world_captions(teacher_pipe, world))
+    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=args.conditioning_timestep)
+    return world, config, teacher_pipe, embeddings, one_step
+
+
+def sample_and_score(one_step, model, world, num_samples):
+    """`model` as the one-step generator on the evaluation noise: (latents per caption, rounded mean metrics). The
+    model's train/eval mode is restored."""
+    from sim_diffusers.ground_truth import evaluate_pipeline_latents, sample_pipeline_latents
+
+    was_training = model.training
+    one_step.transformer = model.eval()
+    with torch.no_grad():
+        samples = sample_pipeline_latents(one_step, world, num_samples, seed=EVALUATION_SEED)
+        metrics = evaluate_pipeline_latents(world, samples)["mean"]
+    model.train(was_training)
+    return samples, {k: round(v, 4) for k, v in metrics.items()}
+
+
+def save_weights(model, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_weights(model, path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+
+
+def append_record(args, curve, start: float) -> None:
+    """One JSON line per run in --out: its name, arguments, curve and wall time."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)}) + "\n")

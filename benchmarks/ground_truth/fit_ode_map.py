@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,20 +24,18 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_world_and_teacher_args, world_and_config  # noqa: E402
-
-from sim_diffusers import SIMOneStepPipeline  # noqa: E402
-from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
-from sim_diffusers.ground_truth import (  # noqa: E402
-    encode_world_captions,
-    evaluate_pipeline_latents,
-    load_or_build_teacher,
-    sample_pipeline_latents,
-    sample_teacher_latents,
-    teacher_cache_key,
+from _common import (  # noqa: E402
+    EVALUATION_SEED,
+    add_world_and_teacher_args,
+    append_record,
+    load_teacher_setup,
+    sample_and_score,
+    save_weights,
 )
+
+from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
+from sim_diffusers.ground_truth import sample_teacher_latents, teacher_cache_key  # noqa: E402
 from sim_diffusers.sampling import dpm_solver_sample  # noqa: E402
-from sim_diffusers.schedule import timestep_for_ve_sigma  # noqa: E402
 
 
 def parse_args(input_args=None):
@@ -61,15 +58,10 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    world, config = world_and_config(args)
-    from diffusers import PixArtAlphaPipeline
-
-    teacher_pipe = PixArtAlphaPipeline.from_pretrained(load_or_build_teacher(world, config, args.cache_dir))
+    world, config, teacher_pipe, (embeds, mask, empty_embeds, empty_mask), one_step = load_teacher_setup(args)
     teacher = teacher_pipe.transformer.requires_grad_(False)
-    with torch.no_grad():
-        embeds, mask, empty_embeds, empty_mask = [x.detach() for x in encode_world_captions(teacher_pipe, world)]
     alphas_cumprod = teacher_pipe.scheduler.alphas_cumprod
-    t_star = args.conditioning_timestep or timestep_for_ve_sigma(alphas_cumprod, 2.5)
+    t_star = one_step.conditioning_timestep
     rng = torch.Generator().manual_seed(args.seed)
     shape = world.latent_shape
 
@@ -101,19 +93,14 @@ def main(args):
 
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(args.adam_beta1, 0.999), weight_decay=0.0)
-    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=t_star)
 
     # The teacher's ODE solutions from the evaluation noise: the held-out regression error.
-    held_out = sample_teacher_latents(teacher_pipe, world, args.num_samples, args.num_inference_steps, seed=10_000)
+    held_out = sample_teacher_latents(teacher_pipe, world, args.num_samples, args.num_inference_steps, seed=EVALUATION_SEED)
 
     def evaluate(step):
-        one_step.transformer = generator.eval()
-        with torch.no_grad():
-            samples = sample_pipeline_latents(one_step, world, args.num_samples, seed=10_000)
-            metrics = evaluate_pipeline_latents(world, samples)["mean"]
-        generator.train()
+        samples, metrics = sample_and_score(one_step, generator, world, args.num_samples)
         mse = torch.stack([(x - y).square().mean() for x, y in zip(samples, held_out)]).mean().item()
-        row = {"step": step, **{k: round(v, 4) for k, v in metrics.items()}, "held_out_mse": round(mse, 5)}
+        row = {"step": step, **metrics, "held_out_mse": round(mse, 5)}
         print(args.name, row, f"{time.time() - start:.0f}s", flush=True)
         return row
 
@@ -135,12 +122,8 @@ def main(args):
         if step % args.eval_every == 0:
             curve.append({**evaluate(step), "train_mse": round(loss.item(), 5)})
     if args.save:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, args.save)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)}) + "\n")
+        save_weights(generator, args.save)
+    append_record(args, curve, start)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,19 +25,18 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_world_and_teacher_args, world_and_config  # noqa: E402
-
-from sim_diffusers import SIMOneStepPipeline  # noqa: E402
-from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
-from sim_diffusers.ground_truth import (  # noqa: E402
-    encode_world_captions,
-    evaluate_pipeline_latents,
-    load_or_build_teacher,
-    sample_pipeline_latents,
+from _common import (  # noqa: E402
+    add_world_and_teacher_args,
+    append_record,
+    load_teacher_setup,
+    load_weights,
+    sample_and_score,
+    save_weights,
 )
+
+from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
 from sim_diffusers.losses import get_divergence, regression_loss  # noqa: E402
 from sim_diffusers.sampling import dpm_solver_sample  # noqa: E402
-from sim_diffusers.schedule import timestep_for_ve_sigma  # noqa: E402
 from sim_diffusers.training.models import ScoreNetworks  # noqa: E402
 from sim_diffusers.training.step import Conditioning, fake_score_update_loss, generator_update_loss  # noqa: E402
 
@@ -84,20 +82,13 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    world, config = world_and_config(args)
-    from diffusers import PixArtAlphaPipeline
-
-    teacher_pipe = PixArtAlphaPipeline.from_pretrained(load_or_build_teacher(world, config, args.cache_dir))
-    with torch.no_grad():
-        embeds, mask, empty_embeds, empty_mask = [x.detach() for x in encode_world_captions(teacher_pipe, world)]
+    world, _, teacher_pipe, (embeds, mask, empty_embeds, empty_mask), one_step = load_teacher_setup(args)
     alphas_cumprod = teacher_pipe.scheduler.alphas_cumprod
-    t_star = args.conditioning_timestep or timestep_for_ve_sigma(alphas_cumprod, 2.5)
+    t_star = one_step.conditioning_timestep
     teacher = teacher_pipe.transformer
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     if args.init_generator:
-        from safetensors.torch import load_file
-
-        generator.load_state_dict(load_file(args.init_generator))
+        load_weights(generator, args.init_generator)
     networks = ScoreNetworks.build(copy.deepcopy(teacher))
     betas = (args.adam_beta1, 0.999)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=args.lr_generator, betas=betas, weight_decay=0.0)
@@ -107,7 +98,6 @@ def main(args):
         schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps) for opt in (opt_g, opt_f)]
     divergence = get_divergence(args.divergence)
     options = {"huber_c": args.huber_c} if args.huber_c is not None else {}
-    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=t_star)
     rng = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     shape, batch = world.latent_shape, args.train_batch_size
@@ -158,17 +148,10 @@ def main(args):
 
     ema = copy.deepcopy(generator).requires_grad_(False) if args.ema_decay is not None else None
 
-    def score(model):
-        one_step.transformer = model.eval()
-        with torch.no_grad():
-            metrics = evaluate_pipeline_latents(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=10_000))["mean"]
-        return {k: round(v, 4) for k, v in metrics.items()}
-
     def evaluate(step):
-        row = {"step": step, **score(generator)}
-        generator.train()
+        row = {"step": step, **sample_and_score(one_step, generator, world, args.num_samples)[1]}
         if ema is not None:
-            row["ema"] = score(ema)
+            row["ema"] = sample_and_score(one_step, ema, world, args.num_samples)[1]
         print(args.name, row, f"{time.time() - start:.0f}s", flush=True)
         return row
 
@@ -200,12 +183,8 @@ def main(args):
         if step % args.eval_every == 0:
             curve.append(evaluate(step))
     if args.save:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, args.save)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)}) + "\n")
+        save_weights(generator, args.save)
+    append_record(args, curve, start)
 
 
 if __name__ == "__main__":
