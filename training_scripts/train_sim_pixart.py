@@ -345,8 +345,9 @@ def train(args, caption_set, teacher_facts, resume_path):
             for m, (cond, rnd) in enumerate(micro):
                 with _no_sync_unless(accelerator, generator_ddp, last=m == accum - 1):
                     x0 = x0_shared if x0_shared is not None else generate(rnd.noise, cond, with_graph=True)
-                    loss_g = x0.sum() * 0.0
-                    if not warming_up:
+                    if warming_up:
+                        loss_g = x0.sum() * 0.0
+                    else:
                         loss_g, stats = generator_update_loss(
                             networks, x0, rnd.generator_timesteps, rnd.generator_noise, cond, alphas_cumprod,
                             divergence, args.guidance_scale, args.loss_weighting, options,
