@@ -376,8 +376,21 @@ def step_is_finite(loss: torch.Tensor, parameters=None) -> bool:
 # distribution, so this term and the divergence have the same minimiser.
 
 
-def regression_loss(x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error between generator samples and teacher-ODE targets from the same noise: (B,)."""
+def regression_loss(x0: torch.Tensor, target: torch.Tensor, distance: str = "l2", huber_c=None) -> torch.Tensor:
+    """Per-sample distance between generator samples and teacher-ODE targets from the same noise: (B,).
+
+    "l2": mean squared error per element. "pseudo_huber": 2 c (sqrt(||x0 - target||^2 + c^2) - c) / numel, which
+    equals the mean squared error while ||x0 - target|| << c and grows linearly beyond c; c as for `sim_loss`
+    (default DEFAULT_HUBER_C_PER_SQRT_ELEMENT * sqrt(CHW)). Why it can matter: where the network cannot yet tell which
+    mode a noise belongs to, the squared error is smallest for a blend of the candidate modes, while the norm is as
+    small for committing to one of them.
+    """
     if x0.shape != target.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and target {tuple(target.shape)} differ in shape.")
-    return (x0.float() - target.float()).square().flatten(1).mean(dim=1)
+    diff = x0.float() - target.float()
+    numel = diff[0].numel()
+    if distance == "l2":
+        return diff.square().flatten(1).mean(dim=1)
+    if distance == "pseudo_huber":
+        return 2.0 * _huber_c(huber_c, diff) * distance_value(diff, "pseudo_huber", huber_c) / numel
+    raise ValueError(f"Unknown distance {distance!r}; valid: {', '.join(DISTANCES)}.")

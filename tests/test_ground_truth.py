@@ -299,8 +299,11 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
     modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(fit_args))
     assert any(p.name.startswith("ode_pairs_") for p in path.parent.iterdir())  # the pairs are cached for the next fit
     modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(fit_args))  # from the cached pairs: the same fit
-    first, second = [json.loads(line) for line in fit_out.read_text().splitlines()]
+    modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(fit_args[:-4] + ["--distance", "pseudo_huber", "--out", str(fit_out)]))
+    first, second, huber = [json.loads(line) for line in fit_out.read_text().splitlines()]
     assert first["curve"] == second["curve"]
+    assert huber["curve"][0] == first["curve"][0] and huber["curve"][-1] != first["curve"][-1]  # --distance is used
+    assert first["curve"][-1]["on_training_noise"]["mse"] < first["curve"][0]["on_training_noise"]["mse"]  # it fits its pairs
     teacher = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert max((load_file(str(saved))[k] - teacher[k]).abs().max().item() for k in teacher) > 0
 

@@ -1,6 +1,8 @@
 """The teacher-ODE regression term: its targets are the teacher's own DPM-Solver++ samples from the generator's noise
 (never the fake score's), and its value and gradient do not depend on how the global batch is split over processes."""
 
+import math
+
 import pytest
 import torch
 from diffusers import PixArtAlphaPipeline
@@ -73,3 +75,29 @@ def test_a_process_without_selected_samples_contributes_zero_with_a_graph():
     x0 = torch.randn(3, 4, 8, 8, requires_grad=True)
     term = regression_term(x0, None, torch.tensor([], dtype=torch.long), 0.5)
     assert term.item() == 0 and term.requires_grad
+
+
+def test_pseudo_huber_regression_is_mse_for_small_errors_and_linear_for_large_ones():
+    target = torch.zeros(2, 4, 4, 4)
+    small, large = torch.full_like(target, 1e-3), torch.full_like(target, 10.0)
+    c = 0.5
+    assert torch.allclose(regression_loss(small, target, "pseudo_huber", c), regression_loss(small, target), rtol=1e-4)
+    # 2c(sqrt(n^2 + c^2) - c)/D with ||d|| = 10 sqrt(D): about 2c ||d|| / D, far below the squared error 100
+    expected = 2 * c * (math.sqrt(100 * 64 + c**2) - c) / 64
+    assert torch.allclose(regression_loss(large, target, "pseudo_huber", c), torch.full((2,), expected))
+    with pytest.raises(ValueError, match="Unknown distance"):
+        regression_loss(small, target, "l1")
+
+
+@pytest.mark.parametrize("distance, commits", [("l2", False), ("pseudo_huber", True)])
+def test_which_distance_rewards_blending_two_modes(distance, commits):
+    """A noise whose target is mode A with probability 0.7 and B otherwise (what a network that cannot yet separate
+    them sees): on the segment from A to B, the squared error is smallest at the blend 0.3, a norm-like distance at
+    (within c of) A."""
+    a, b = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
+    s = torch.linspace(0, 1, 101)
+    expected = torch.stack([
+        0.7 * regression_loss(a + si * (b - a), a, distance, 0.1) + 0.3 * regression_loss(a + si * (b - a), b, distance, 0.1)
+        for si in s]).squeeze(1)
+    best = s[expected.argmin()].item()
+    assert best <= 0.01 if commits else abs(best - 0.3) < 0.011

@@ -66,6 +66,8 @@ def parse_args(input_args=None):
     parser.add_argument("--regression_weight", type=float, default=0.0)
     parser.add_argument("--regression_batch_size", type=int, default=8, help="Extra samples per step with a teacher-ODE target.")
     parser.add_argument("--regression_num_inference_steps", type=int, default=8)
+    parser.add_argument("--regression_distance", choices=("l2", "pseudo_huber"), default="l2", help="See losses.regression_loss.")
+    parser.add_argument("--regression_huber_c", type=float, default=None)
     parser.add_argument("--regression_until", type=int, default=None, help="Drop the regression term after this step.")
     parser.add_argument("--regression_space", choices=("x0", "denoised"), default="x0",
                         help="x0: MSE of samples; denoised: MSE of the teacher's x0 predictions of both, diffused to "
@@ -135,7 +137,7 @@ def main(args):
             target = dpm_solver_sample(teacher_eps(cond, False), teacher_pipe.scheduler, z, args.regression_num_inference_steps)
         x0 = generate(z, cond)
         if args.regression_space == "x0":
-            return regression_loss(x0, target).mean()
+            return regression_loss(x0, target, args.regression_distance, args.regression_huber_c).mean()
         t = draw_timesteps(size, args.regression_t_low, args.regression_t_high)
         alpha, sigma = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1), (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=rng)
@@ -144,7 +146,8 @@ def main(args):
             x_t = alpha * x + sigma * noise
             return (x_t - sigma * teacher_eps(cond, grad)(x_t, t)) / alpha
 
-        return regression_loss(denoised(x0, True), denoised(target, False).detach()).mean()
+        return regression_loss(denoised(x0, True), denoised(target, False).detach(), args.regression_distance,
+                               args.regression_huber_c).mean()
 
     ema = copy.deepcopy(generator).requires_grad_(False) if args.ema_decay is not None else None
 
