@@ -98,6 +98,9 @@ def parse_args(input_args=None):
     g.add_argument("--regression_loss_weight", type=float, default=1.0, help="Weight of the teacher-ODE regression term (DMD's) in the generator loss: it keeps every mode of each caption (plain SIM collapses to one; docs/ground_truth.md). 0 disables it.")
     g.add_argument("--regression_every", type=int, default=4, help="One sample in N (by global sample index) also gets a regression target: the teacher's ODE from the generator's own noise.")
     g.add_argument("--regression_num_inference_steps", type=int, default=8, help="DPM-Solver++ steps of the teacher for each regression target (2 forwards each with guidance, no backward).")
+    g.add_argument("--regression_distance", default="l2", choices=["l2", "pseudo_huber"], help="Distance of the regression term next to the divergence: l2 (mean squared error, DMD's; its pull grows with the error, which is what holds every mode against SIM's drive) or pseudo_huber.")
+    g.add_argument("--regression_warmup_distance", default="pseudo_huber", choices=["pseudo_huber", "l2"], help="Distance of the regression term during the warm-up: pseudo_huber (the mean squared error for small errors, linear beyond c, so a blend of two modes is not favoured over committing to one; sharper and faster than l2 in docs/ground_truth.md) or l2.")
+    g.add_argument("--regression_huber_c", type=float, default=None, help="c of the pseudo_huber regression distance, in latent units (default: 0.03 sqrt(latent elements), as --huber_c).")
     g.add_argument("--regression_warmup_steps", type=int, default=None, help=f"First N steps: the generator learns from the regression term alone, on every sample (no divergence), at --regression_warmup_learning_rate; the fake score trains as usual, so it is current when the divergence starts. Default: {DEFAULT_REGRESSION_WARMUP_STEPS} with the regression term on, 0 with it off.")
     g.add_argument("--regression_warmup_learning_rate", type=float, default=None, help="Generator learning rate during the regression warm-up (default: 10x --learning_rate).")
     g.add_argument("--fake_score_lora_rank", type=int, default=0, help="0: F is a full copy of the teacher. >0: F is a LoRA of this rank on the frozen teacher (peft), saving a model copy and its Adam states.")
@@ -341,6 +344,7 @@ def train(args, caption_set, teacher_facts, resume_path):
                 group["lr"] = regression_warmup_lr if warming_up else scheduled
             lr_g = opt_g.param_groups[0]["lr"]
             every = 1 if warming_up else args.regression_every
+            distance = args.regression_warmup_distance if warming_up else args.regression_distance
             g_losses, gaps, regs = [], [], []
             for m, (cond, rnd) in enumerate(micro):
                 with _no_sync_unless(accelerator, generator_ddp, last=m == accum - 1):
@@ -359,7 +363,7 @@ def train(args, caption_set, teacher_facts, resume_path):
                         targets = None
                         if len(index):
                             targets = teacher_ode_targets(networks, ode_scheduler, rnd.noise[index], cond.select(index), args.guidance_scale, args.regression_num_inference_steps)
-                        loss_reg = regression_term(x0, targets, index, args.train_batch_size / every)
+                        loss_reg = regression_term(x0, targets, index, args.train_batch_size / every, distance, args.regression_huber_c)
                         regs.append(loss_reg.detach())
                         loss_g = loss_g + (1.0 if warming_up else args.regression_loss_weight) * loss_reg
                     loss_g = fault_plan.maybe_corrupt("generator_loss", step, loss_g)

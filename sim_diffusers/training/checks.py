@@ -103,6 +103,8 @@ def check_arguments(args) -> None:
             "Need --regression_warmup_steps >= 0 and --regression_warmup_learning_rate > 0, got "
             f"{args.regression_warmup_steps}, {args.regression_warmup_learning_rate}."
         )
+    if args.regression_huber_c is not None and args.regression_huber_c <= 0:
+        raise UserInputError(f"Need --regression_huber_c > 0, got {args.regression_huber_c}.")
     if args.regression_warmup_steps > 0 and args.regression_loss_weight == 0:
         raise UserInputError("--regression_warmup_steps trains on the regression term: it needs --regression_loss_weight > 0.")
     if (args.caption_file is None) == (args.dataset_name is None):

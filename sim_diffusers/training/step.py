@@ -107,10 +107,10 @@ def teacher_ode_targets(networks, scheduler, noise, conditioning: Conditioning, 
     return dpm_solver_sample(eps_fn, scheduler, noise, num_inference_steps)
 
 
-def regression_term(x0, targets, index, expected_count: float):
-    """Sum of the per-sample regression losses of the samples `index`, over the number of such samples a batch holds
-    on average: the term is unbiased whatever the split of the global batch over processes (a local batch may hold
-    none)."""
+def regression_term(x0, targets, index, expected_count: float, distance: str = "l2", huber_c=None):
+    """Sum of the per-sample regression losses (`losses.regression_loss` with `distance`) of the samples `index`, over
+    the number of such samples a batch holds on average: the term is unbiased whatever the split of the global batch
+    over processes (a local batch may hold none)."""
     if len(index) == 0:
         return x0.sum() * 0.0
-    return regression_loss(x0[index], targets.to(x0.dtype)).sum() / expected_count
+    return regression_loss(x0[index], targets.to(x0.dtype), distance, huber_c).sum() / expected_count
