@@ -392,5 +392,6 @@ def regression_loss(x0: torch.Tensor, target: torch.Tensor, distance: str = "l2"
     if distance == "l2":
         return diff.square().flatten(1).mean(dim=1)
     if distance == "pseudo_huber":
-        return 2.0 * _huber_c(huber_c, diff) * distance_value(diff, "pseudo_huber", huber_c) / numel
+        c = _huber_c(huber_c, diff)
+        return 2.0 * c * distance_value(diff, "pseudo_huber", c) / numel
     raise ValueError(f"Unknown distance {distance!r}; valid: {', '.join(DISTANCES)}.")
