@@ -263,6 +263,7 @@ BAD_INPUT_ROWS = [
     ("regression every 0", {"--regression_every": "0"}, r"Need --regression_loss_weight >= 0, --regression_every >= 1 .* got 1\.0, 0, 8"),
     ("negative regression warm-up", {"--regression_warmup_steps": "-1"}, r"Need --regression_warmup_steps >= 0 .* got -1, None"),
     ("regression c 0", {"--regression_huber_c": "0"}, r"Need --regression_huber_c > 0, got 0\.0"),
+    ("warm-up beta1 of 1", {"--regression_warmup_adam_beta1": "1"}, r"Need 0 <= --regression_warmup_adam_beta1 < 1, got 1\.0"),
     ("warm-up without the regression term", {"--regression_warmup_steps": "10", "--regression_loss_weight": "0"}, r"--regression_warmup_steps trains on the regression term"),
     ("unknown divergence", {"--divergence": "kl"}, r"Unknown --divergence 'kl'; choose one of sim, "),
     ("unknown tracker", {"--report_to": "mlflow"}, r"Unknown --report_to 'mlflow'; choose one of tensorboard, wandb, all, none"),

@@ -217,3 +217,25 @@ def test_regression_warmup_trains_on_the_regression_term_alone(tiny_teacher_path
     assert max_difference(transformer_weights(tmp_path / "l2_warmup_sim_phase"), transformer_weights(tmp_path / "l2_warmup")) < 1e-7
     run_trainer(tiny_teacher_path, captions_file, tmp_path / "sid_no_warmup_huber", *warm[:-4], "--checkpointing_steps", "10", "--divergence", "sid", "--regression_distance", "pseudo_huber")
     assert max_difference(transformer_weights(tmp_path / "sid_no_warmup_huber"), transformer_weights(tmp_path / "sid_no_warmup")) > 1e-6
+
+
+def test_regression_warmup_adam_beta1_applies_to_the_warmup_only(tiny_teacher_path, captions_file, tmp_path):
+    """--regression_warmup_adam_beta1 is the generator's Adam beta1 during the warm-up; after it, --adam_beta1 again."""
+    steps = ["--train_batch_size", "2", "--max_train_steps", "3", "--regression_warmup_steps", "2", "--checkpointing_steps", "1", "--adam_epsilon", "1e-8"]
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "momentum", *steps, "--regression_warmup_adam_beta1", "0.9")
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "plain", *steps)
+
+    def generator_betas(run, step):  # optimizer.bin is the generator's (prepared first), optimizer_1.bin the fake score's
+        state = torch.load(tmp_path / run / f"checkpoint-{step}" / "optimizer.bin", weights_only=True)
+        return [tuple(group["betas"]) for group in state["param_groups"]]
+
+    assert set(generator_betas("momentum", 2)) == {(0.9, 0.999)}
+    assert set(generator_betas("momentum", 3)) == {(0.0, 0.999)}
+    assert set(generator_betas("plain", 2)) == {(0.0, 0.999)}
+
+    def generator_at(run, step):
+        return load_file(str(tmp_path / run / f"checkpoint-{step}" / "generator" / "diffusion_pytorch_model.safetensors"))
+
+    # The first step is the same either way (Adam's bias-corrected first moment is the gradient); the second is not.
+    assert max_difference(generator_at("momentum", 1), generator_at("plain", 1)) < 1e-6
+    assert max_difference(generator_at("momentum", 2), generator_at("plain", 2)) > 1e-4
