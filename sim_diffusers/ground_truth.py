@@ -432,6 +432,40 @@ def evaluate_pipeline_latents(
     return {"per_caption": per_caption, "mean": _mean_metrics(per_caption), "floor": _mean_metrics(floor)}
 
 
+def off_mode_anatomy(world: GaussianMixtureWorld, caption_idx: int, samples: torch.Tensor) -> dict:
+    """What the off-mode samples of one caption look like: global blends, or regions that follow different modes.
+
+    For each sample farther than the fidelity radius from every mode of its caption, take its two nearest modes a
+    (nearest) and b and the blocks where their signs differ (the contested blocks). A contested block's position
+    u = (m - mu_b) / (mu_a - mu_b) is 1 on mode a's value and 0 on b's. A global blend has the same u in every
+    contested block; a sample whose regions decided differently has some blocks near 1 and others near 0.
+
+    Returns the off-mode fraction and, averaged over off-mode samples: the share of contested blocks committed to a
+    (u > 0.75), to b (u < 0.25) or in between, and the fraction of off-mode samples whose contested blocks disagree
+    (max u - min u > 0.5: "regionally inconsistent").
+    """
+    patterns = world.patterns(samples)
+    own = world.patterns(world.means[caption_idx])  # (K, P)
+    distances = torch.cdist(patterns, own)
+    off = distances.min(dim=1).values >= world.fidelity_radius
+    result = {"off_mode": float(off.float().mean()), "committed_nearest": 0.0, "committed_second": 0.0,
+              "in_between": 0.0, "regionally_inconsistent": 0.0}
+    if not off.any():
+        return result
+    order = distances[off].argsort(dim=1)
+    a, b = own[order[:, 0]], own[order[:, 1]]
+    u = (patterns[off] - b) / (a - b).masked_fill(a == b, 1.0)
+    contested = a != b
+    counts = contested.sum(dim=1).clamp_min(1)
+    share = lambda mask: float(((mask & contested).sum(dim=1) / counts).mean())  # noqa: E731
+    spread = u.masked_fill(~contested, -math.inf).amax(dim=1) - u.masked_fill(~contested, math.inf).amin(dim=1)
+    result.update(
+        committed_nearest=share(u > 0.75), committed_second=share(u < 0.25),
+        in_between=share((u >= 0.25) & (u <= 0.75)), regionally_inconsistent=float((spread > 0.5).float().mean()),
+    )
+    return result
+
+
 def _mean_metrics(rows: Sequence[dict]) -> dict:
     return {key: sum(row[key] for row in rows) / len(rows) for key in METRIC_KEYS}
 

@@ -21,6 +21,7 @@ from sim_diffusers.ground_truth import (
     load_or_build_teacher,
     load_world,
     mmd,
+    off_mode_anatomy,
     pixart_alphas_cumprod,
     read_teacher_record,
     sample_exact_latents,
@@ -165,6 +166,28 @@ def test_metrics_catch_collapse_blur_wrong_captions_and_noise(world):
 
     too_wide = reference + 0.3 * torch.randn(reference.shape, generator=torch.Generator().manual_seed(4))
     assert caption_metrics(world, 0, too_wide, reference)["mmd"] > 3 * floor
+
+
+def test_off_mode_anatomy_tells_global_blends_from_regions_that_follow_different_modes(world):
+    on_mode = world.sample_x0(0, 64, torch.Generator().manual_seed(0))
+    assert off_mode_anatomy(world, 0, on_mode) == {"off_mode": 0.0, "committed_nearest": 0.0, "committed_second": 0.0,
+                                                   "in_between": 0.0, "regionally_inconsistent": 0.0}
+    mu_a, mu_b = world.means[0][0], world.means[0][1]
+    global_blend = (0.6 * mu_a + 0.4 * mu_b).expand(8, -1, -1, -1)
+    blend = off_mode_anatomy(world, 0, global_blend)
+    assert blend["off_mode"] == 1.0 and blend["in_between"] == 1.0 and blend["regionally_inconsistent"] == 0.0
+
+    # Half of the contested blocks take mode a's value, the other half mode b's: a patchwork of the two modes.
+    contested = torch.nonzero(world.patterns(mu_a[None])[0] != world.patterns(mu_b[None])[0]).flatten()
+    take_b = torch.zeros(world.num_blocks, dtype=torch.bool)
+    take_b[contested[: len(contested) // 2]] = True
+    grid = (world.latent_shape[0], world.latent_shape[1] // world.block_size, world.latent_shape[2] // world.block_size)
+    mask = take_b.reshape(grid).repeat_interleave(world.block_size, 1).repeat_interleave(world.block_size, 2)
+    patchwork = off_mode_anatomy(world, 0, torch.where(mask, mu_b, mu_a).expand(8, -1, -1, -1))
+    assert patchwork["off_mode"] == 1.0 and patchwork["regionally_inconsistent"] == 1.0
+    assert patchwork["in_between"] == 0.0
+    assert patchwork["committed_nearest"] + patchwork["committed_second"] == pytest.approx(1.0)
+    assert 0.3 < patchwork["committed_second"] <= 0.5
 
 
 def test_exact_eps_oracle_with_dpm_solver_recovers_the_world(world):
@@ -312,3 +335,23 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
         "--steps", "0", "--init_generator", str(saved), "--out", str(screen_out)]))
     start = json.loads(screen_out.read_text())["curve"][0]
     assert {k: start[k] for k in METRIC_KEYS} == {k: first["curve"][-1][k] for k in METRIC_KEYS}
+
+
+def test_anatomy_script_scores_generators_and_the_teacher(quick_teacher, world, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path, config = quick_teacher
+    spec = importlib.util.spec_from_file_location("anatomy", Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth" / "anatomy.py")
+    anatomy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(anatomy)
+    monkeypatch.setattr(sys.modules["_common"], "world_and_config", lambda args: (world, config))
+    common = ["--world", "quick", "--cache_dir", str(path.parent), "--num_samples", "16"]
+    with pytest.raises(SystemExit, match="holds no generator"):
+        anatomy.main(anatomy.parse_args([str(path / "nowhere"), *common]))
+    # The teacher's own weights as a generator are the untrained one-step generator: the same row.
+    rows = anatomy.main(anatomy.parse_args([str(path), "--untrained", "--teacher_steps", "2", *common]))
+    assert list(rows) == ["teacher 2 steps", "untrained one-step generator", str(path)]
+    assert rows[str(path)] == rows["untrained one-step generator"]
+    for r in rows.values():
+        assert r["fidelity"] + r["off_mode"] == pytest.approx(1.0)

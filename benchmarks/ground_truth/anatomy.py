@@ -1,0 +1,80 @@
+"""What the off-mode samples look like: global blends of two modes, or samples whose regions follow different modes.
+
+Scores generators (checkpoint or pipeline folders of `distill.py` runs) and the teacher at a few solver steps on the
+evaluation noise, and breaks their off-mode samples down with `sim_diffusers.ground_truth.off_mode_anatomy`:
+
+    python benchmarks/ground_truth/anatomy.py outputs/ground_truth/runs/sim-seed0/checkpoint-1400 --teacher_steps 8 20
+
+Each row: fidelity, the off-mode fraction, and over off-mode samples the share of contested blocks (those where the
+sample's two nearest modes differ) committed to the nearest mode, to the second, or in between, and the fraction of
+off-mode samples whose contested blocks disagree (some near one mode, some near the other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from _common import EVALUATION_SEED, add_world_and_teacher_args  # noqa: E402
+
+COLUMNS = ("fidelity", "off_mode", "committed_nearest", "committed_second", "in_between", "regionally_inconsistent")
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("generators", nargs="*", help="Folders with a generator: a checkpoint, a pipeline, or a transformer folder.")
+    parser.add_argument("--teacher_steps", type=int, nargs="*", default=[], help="Also the teacher with DPM-Solver++ at these steps (g = 1).")
+    parser.add_argument("--untrained", action="store_true", help="Also the untrained one-step generator.")
+    parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption.")
+    add_world_and_teacher_args(parser)
+    return parser.parse_args(input_args)
+
+
+def transformer_folder(path: Path) -> Path:
+    for candidate in (path / "generator", path / "transformer", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    sys.exit(f"error: {path} holds no generator (no config.json in it, its generator/ or its transformer/).")
+
+
+def row(world, latents) -> dict:
+    from sim_diffusers.ground_truth import evaluate_pipeline_latents, off_mode_anatomy
+
+    parts = [off_mode_anatomy(world, i, x) for i, x in enumerate(latents)]
+    mean = {key: sum(p[key] for p in parts) / len(parts) for key in COLUMNS[1:]}
+    return {"fidelity": evaluate_pipeline_latents(world, latents)["mean"]["fidelity"], **mean}
+
+
+def main(args) -> list[str]:
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from sim_diffusers import SIMOneStepPipeline
+    from sim_diffusers.ground_truth import load_or_build_teacher, sample_pipeline_latents, sample_teacher_latents
+
+    folders = [transformer_folder(Path(g)) for g in args.generators]  # bad paths fail before any model is loaded
+    world, config = _common.world_and_config(args)
+    teacher = PixArtAlphaPipeline.from_pretrained(load_or_build_teacher(world, config, args.cache_dir))
+    teacher.set_progress_bar_config(disable=True)
+    one_step = SIMOneStepPipeline.from_teacher(teacher)
+    rows = {}
+    for steps in args.teacher_steps:
+        rows[f"teacher {steps} steps"] = row(world, sample_teacher_latents(teacher, world, args.num_samples, steps, seed=EVALUATION_SEED))
+    if args.untrained:
+        rows["untrained one-step generator"] = row(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED))
+    for name, folder in zip(args.generators, folders):
+        one_step.transformer = PixArtTransformer2DModel.from_pretrained(folder)
+        with torch.no_grad():
+            rows[name] = row(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED))
+    lines = ["| sampler | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |" for name, r in rows.items()]
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
