@@ -4,6 +4,7 @@ in-process loops."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -61,17 +62,32 @@ def load_teacher_setup(args):
     return world, config, teacher_pipe, embeddings, one_step
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """`model` in eval mode without gradients for the block; its train/eval mode is restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def mean_squared_error(samples, targets) -> float:
+    """The per-caption mean squared errors of latents against their targets, averaged over captions."""
+    return torch.stack([(x - y).square().mean() for x, y in zip(samples, targets)]).mean().item()
+
+
 def sample_and_score(one_step, model, world, num_samples):
     """`model` as the one-step generator on the evaluation noise: (latents per caption, rounded mean metrics). The
     model's train/eval mode is restored."""
     from sim_diffusers.ground_truth import evaluate_pipeline_latents, sample_pipeline_latents
 
-    was_training = model.training
-    one_step.transformer = model.eval()
-    with torch.no_grad():
+    with evaluating(model):
+        one_step.transformer = model
         samples = sample_pipeline_latents(one_step, world, num_samples, seed=EVALUATION_SEED)
         metrics = evaluate_pipeline_latents(world, samples)["mean"]
-    model.train(was_training)
     return samples, {k: round(v, 4) for k, v in metrics.items()}
 
 

@@ -29,7 +29,9 @@ from _common import (  # noqa: E402
     EVALUATION_SEED,
     add_world_and_teacher_args,
     append_record,
+    evaluating,
     load_teacher_setup,
+    mean_squared_error,
     sample_and_score,
     save_weights,
 )
@@ -106,19 +108,16 @@ def main(args):
         # would mean the fit memorises its pairs rather than failing to represent the map.
         n = min(args.num_samples, args.num_pairs)
         rows = [slice(c * args.num_pairs, c * args.num_pairs + n) for c in range(world.num_captions)]
-        was_training = generator.training
-        generator.eval()
-        with torch.no_grad():
+        with evaluating(generator):
             samples = [one_step_generate(generator, pool[1][r], t_star, alphas_cumprod, embeds[pool[0][r]], mask[pool[0][r]])
                        for r in rows]
-        generator.train(was_training)
         metrics = evaluate_pipeline_latents(world, samples)["mean"]
-        mse = torch.stack([(x - pool[2][r]).square().mean() for x, r in zip(samples, rows)]).mean().item()
+        mse = mean_squared_error(samples, [pool[2][r] for r in rows])
         return {"fidelity": round(metrics["fidelity"], 4), "mmd": round(metrics["mmd"], 4), "mse": round(mse, 5)}
 
     def evaluate(step):
         samples, metrics = sample_and_score(one_step, generator, world, args.num_samples)
-        mse = torch.stack([(x - y).square().mean() for x, y in zip(samples, held_out)]).mean().item()
+        mse = mean_squared_error(samples, held_out)
         row = {"step": step, **metrics, "held_out_mse": round(mse, 5)}
         if pool is not None:
             row["on_training_noise"] = on_training_noise()
