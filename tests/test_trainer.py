@@ -220,10 +220,11 @@ def test_regression_warmup_trains_on_the_regression_term_alone(tiny_teacher_path
 
 
 def test_regression_warmup_adam_beta1_applies_to_the_warmup_only(tiny_teacher_path, captions_file, tmp_path):
-    """--regression_warmup_adam_beta1 is the generator's Adam beta1 during the warm-up; after it, --adam_beta1 again."""
+    """--regression_warmup_adam_beta1 (default 0.9) is the generator's Adam beta1 during the warm-up; after it,
+    --adam_beta1 (default 0) again."""
     steps = ["--train_batch_size", "2", "--max_train_steps", "3", "--regression_warmup_steps", "2", "--checkpointing_steps", "1", "--adam_epsilon", "1e-8"]
-    run_trainer(tiny_teacher_path, captions_file, tmp_path / "momentum", *steps, "--regression_warmup_adam_beta1", "0.9")
-    run_trainer(tiny_teacher_path, captions_file, tmp_path / "plain", *steps)
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "momentum", *steps)  # default 0.9
+    run_trainer(tiny_teacher_path, captions_file, tmp_path / "plain", *steps, "--regression_warmup_adam_beta1", "0")
 
     def generator_betas(run, step):  # optimizer.bin is the generator's (prepared first), optimizer_1.bin the fake score's
         state = torch.load(tmp_path / run / f"checkpoint-{step}" / "optimizer.bin", weights_only=True)

@@ -103,7 +103,7 @@ def parse_args(input_args=None):
     g.add_argument("--regression_huber_c", type=float, default=None, help="c of the pseudo_huber regression distance, in latent units (default: 0.03 sqrt(latent elements), as --huber_c).")
     g.add_argument("--regression_warmup_steps", type=int, default=None, help=f"First N steps: the generator learns from the regression term alone, on every sample (no divergence), at --regression_warmup_learning_rate; the fake score trains as usual, so it is current when the divergence starts. Default: {DEFAULT_REGRESSION_WARMUP_STEPS} with the regression term on, 0 with it off.")
     g.add_argument("--regression_warmup_learning_rate", type=float, default=None, help="Generator learning rate during the regression warm-up (default: 10x --learning_rate).")
-    g.add_argument("--regression_warmup_adam_beta1", type=float, default=None, help="Adam beta1 of the generator during the regression warm-up (default: --adam_beta1). A plain regression has a fixed target, so momentum helps it where SIM's moving target does not.")
+    g.add_argument("--regression_warmup_adam_beta1", type=float, default=0.9, help="Adam beta1 of the generator during the regression warm-up; --adam_beta1 again after it. A plain regression has a fixed target, so momentum helps it where SIM's moving target does not (docs/ground_truth.md).")
     g.add_argument("--fake_score_lora_rank", type=int, default=0, help="0: F is a full copy of the teacher. >0: F is a LoRA of this rank on the frozen teacher (peft), saving a model copy and its Adam states.")
     g.add_argument("--fake_score_lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator; it is what gets saved.")
@@ -268,7 +268,6 @@ def train(args, caption_set, teacher_facts, resume_path):
         state.load(resume_path)
     divergence = get_divergence(args.divergence)
     regression_warmup_lr = args.regression_warmup_learning_rate or 10.0 * args.learning_rate
-    regression_warmup_beta1 = args.adam_beta1 if args.regression_warmup_adam_beta1 is None else args.regression_warmup_adam_beta1
     options = {}
     if args.divergence == "sim" and args.huber_c is not None:
         options["huber_c"] = args.huber_c
@@ -344,7 +343,7 @@ def train(args, caption_set, teacher_facts, resume_path):
             # restored even when the last warm-up update was skipped and the scheduler did not step.
             for group, scheduled in zip(opt_g.param_groups, sched_g.get_last_lr()):
                 group["lr"] = regression_warmup_lr if warming_up else scheduled
-                group["betas"] = (regression_warmup_beta1 if warming_up else args.adam_beta1, args.adam_beta2)
+                group["betas"] = (args.regression_warmup_adam_beta1 if warming_up else args.adam_beta1, args.adam_beta2)
             lr_g = opt_g.param_groups[0]["lr"]
             every = 1 if warming_up else args.regression_every
             distance = args.regression_warmup_distance if warming_up else args.regression_distance
