@@ -104,8 +104,8 @@ def check_arguments(args) -> None:
             f"{args.regression_warmup_steps}, {args.regression_warmup_learning_rate}."
         )
     for name in ("adam_beta1", "adam_beta2", "regression_warmup_adam_beta1"):
-        beta = getattr(args, name, None)
-        if beta is not None and not 0 <= beta < 1:
+        beta = getattr(args, name)
+        if not 0 <= beta < 1:
             raise UserInputError(f"Need 0 <= --{name} < 1, got {beta}.")
     if args.regression_huber_c is not None and args.regression_huber_c <= 0:
         raise UserInputError(f"Need --regression_huber_c > 0, got {args.regression_huber_c}.")
