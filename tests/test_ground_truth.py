@@ -1,12 +1,13 @@
 """The Gaussian-mixture world: exact epsilon, metrics, samplers, and a tiny PixArt teacher of the quick world."""
 
+import copy
 import json
 import math
 import sys
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
 
 from sim_diffusers import SIMOneStepPipeline
 from sim_diffusers.generator import predict_eps
@@ -294,6 +295,13 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
     record = json.loads(out.read_text().splitlines()[-1])
     assert [row["step"] for row in record["curve"]] == [0, 1, 2]
     assert set(record["curve"][2]["ema"]) == {"fidelity", "coverage", "weight_tv", "mmd", "off_caption"}
+    assert "gan_d_loss" not in record["curve"][2]
+
+    # The adversarial term: the discriminator sees real and fake samples at every step and its losses are logged.
+    args.regression_space, args.gan_weight, args.save = "x0", 0.5, None
+    screen.main(args)
+    last = json.loads(out.read_text().splitlines()[-1])["curve"][2]
+    assert 0 < last["gan_d_loss"] < 10 and 0 < last["gan_g_loss"] < 10
     teacher = load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
     trained = load_file(str(saved))
     assert max((trained[k] - teacher[k]).abs().max().item() for k in teacher) > 0
@@ -335,6 +343,17 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
         "--steps", "0", "--init_generator", str(saved), "--out", str(screen_out)]))
     start = json.loads(screen_out.read_text())["curve"][0]
     assert {k: start[k] for k in METRIC_KEYS} == {k: first["curve"][-1][k] for k in METRIC_KEYS}
+
+    # A deeper generator (--extra_layers) starts as the teacher's function exactly and then fits differently.
+    deep_out = tmp_path / "deep.jsonl"
+    modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(fit_args[:-4] + ["--extra_layers", "2", "--out", str(deep_out)]))
+    deep = json.loads(deep_out.read_text())
+    assert deep["curve"][0] == first["curve"][0] and deep["curve"][-1] != first["curve"][-1]
+    teacher_model = PixArtTransformer2DModel.from_pretrained(path / "transformer")
+    deeper = modules["fit_ode_map"].deepen(copy.deepcopy(teacher_model), 2)
+    assert len(deeper.transformer_blocks) == deeper.config.num_layers == teacher_model.config.num_layers + 2
+    with pytest.raises(ValueError, match="extra_layers"):
+        modules["fit_ode_map"].deepen(teacher_model, teacher_model.config.num_layers + 1)
 
 
 def test_anatomy_script_scores_generators_and_the_teacher(quick_teacher, world, monkeypatch):

@@ -57,10 +57,35 @@ def parse_args(input_args=None):
     parser.add_argument("--distance", choices=("l2", "pseudo_huber"), default="l2", help="See losses.regression_loss.")
     parser.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (norm units); default as for SIM.")
     parser.add_argument("--conditioning_timestep", type=int, default=None, help="t*; default VE sigma 2.5 (t = 440).")
+    parser.add_argument("--extra_layers", type=int, default=0,
+                        help="Give the generator this many more transformer blocks than the teacher (copies of evenly "
+                             "spaced teacher blocks that start as identities): does the fit's limit move with depth?")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="Save the fitted generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "fit_ode_map.jsonl"))
     return parser.parse_args(input_args)
+
+
+def deepen(model, extra_layers: int):
+    """`model` with `extra_layers` more blocks, each a copy of a teacher block inserted right after it, whose output
+    projections (self-attention, cross-attention, feed-forward) are zeroed so that it starts as the identity: the
+    deeper network computes exactly the teacher's function at step 0 and can only add to it."""
+    blocks = list(model.transformer_blocks)
+    if not 0 <= extra_layers <= len(blocks):
+        raise ValueError(f"--extra_layers must be in [0, {len(blocks)}], got {extra_layers}")
+    twins = {round(i * len(blocks) / extra_layers) for i in range(extra_layers)} if extra_layers else set()
+    deeper = []
+    for i, block in enumerate(blocks):
+        deeper.append(block)
+        if i in twins:
+            twin = copy.deepcopy(block)
+            for linear in (twin.attn1.to_out[0], twin.attn2.to_out[0], twin.ff.net[-1]):
+                torch.nn.init.zeros_(linear.weight)
+                torch.nn.init.zeros_(linear.bias)
+            deeper.append(twin)
+    model.transformer_blocks = torch.nn.ModuleList(deeper)
+    model.register_to_config(num_layers=len(deeper))
+    return model
 
 
 def main(args):
@@ -97,7 +122,7 @@ def main(args):
             save_file({"index": idx, "noise": z.contiguous(), "target": targets.contiguous()}, cache)
         print(f"{len(pool[0])} pairs in {time.time() - start:.0f}s", flush=True)
 
-    generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    generator = deepen(copy.deepcopy(teacher), args.extra_layers).train().requires_grad_(True)
     opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(args.adam_beta1, 0.999), weight_decay=0.0)
 
     # The teacher's ODE solutions from the evaluation noise: the held-out regression error.

@@ -34,11 +34,16 @@ from _common import (  # noqa: E402
     save_weights,
 )
 
-from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
+from sim_diffusers.generator import guided_eps, one_step_generate, predict_eps  # noqa: E402
 from sim_diffusers.losses import get_divergence, regression_loss  # noqa: E402
 from sim_diffusers.sampling import dpm_solver_sample  # noqa: E402
 from sim_diffusers.training.models import ScoreNetworks  # noqa: E402
-from sim_diffusers.training.step import Conditioning, fake_score_update_loss, generator_update_loss  # noqa: E402
+from sim_diffusers.training.step import (  # noqa: E402
+    Conditioning,
+    diffuse,
+    fake_score_update_loss,
+    generator_update_loss,
+)
 
 
 def parse_args(input_args=None):
@@ -74,6 +79,14 @@ def parse_args(input_args=None):
                         "t in [--regression_t_low, --regression_t_high] with shared noise.")
     parser.add_argument("--regression_t_low", type=int, default=500)
     parser.add_argument("--regression_t_high", type=int, default=800)
+    parser.add_argument("--gan_weight", type=float, default=0.0,
+                        help="Adversarial term on the regression samples: a per-token head on the frozen teacher's "
+                        "last-block features tells the teacher's ODE solutions (real) from the generator's samples "
+                        "from the same noise (fake), both diffused to t in [--gan_t_low, --gan_t_high]; the "
+                        "generator's loss adds gan_weight x the non-saturating loss. Needs --regression_weight > 0.")
+    parser.add_argument("--gan_t_low", type=int, default=20)
+    parser.add_argument("--gan_t_high", type=int, default=700)
+    parser.add_argument("--lr_discriminator", type=float, default=1e-4)
     parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="Of both networks.")
     parser.add_argument("--ema_decay", type=float, default=None, help="Also score an EMA of the generator's weights.")
     parser.add_argument("--init_generator", default=None, help="Start the generator from these weights (safetensors), "
@@ -137,7 +150,10 @@ def main(args):
             target = dpm_solver_sample(teacher_eps(cond, False), teacher_pipe.scheduler, z, args.regression_num_inference_steps)
         x0 = generate(z, cond)
         if args.regression_space == "x0":
-            return regression_loss(x0, target, args.regression_distance, args.regression_huber_c).mean()
+            loss = regression_loss(x0, target, args.regression_distance, args.regression_huber_c).mean()
+            if args.gan_weight > 0:
+                loss = loss + args.gan_weight / args.regression_weight * adversarial(x0, target, cond)
+            return loss
         t = draw_timesteps(size, args.regression_t_low, args.regression_t_high)
         alpha, sigma = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1), (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=rng)
@@ -151,10 +167,42 @@ def main(args):
 
     ema = copy.deepcopy(generator).requires_grad_(False) if args.ema_decay is not None else None
 
+    # The adversarial term (--gan_weight): LADD-style, a trainable head on the frozen teacher's features.
+    features, gan_log = {}, []
+    networks.teacher.transformer_blocks[-1].register_forward_hook(lambda module, inputs, output: features.update(last=output))
+    width = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+    head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.SiLU(),
+                               torch.nn.Linear(width, 1))
+    opt_d = torch.optim.AdamW(head.parameters(), lr=args.lr_discriminator, betas=(0.0, 0.999), weight_decay=0.0)
+
+    def discriminator_logits(x0, t, noise, cond):
+        x_t, _, _ = diffuse(x0, t, noise, alphas_cumprod)
+        with networks.teacher_mode():
+            predict_eps(networks.teacher, x_t, t, *cond.cond)
+        return head(features.pop("last")).squeeze(-1)  # (B, tokens): one logit per latent patch
+
+    def adversarial(x0, target, cond):
+        """One discriminator step on (target: real, x0: fake); returns the generator's non-saturating loss on x0."""
+        t = draw_timesteps(len(x0), args.gan_t_low, args.gan_t_high)
+        noise = torch.randn(x0.shape, generator=rng)
+        d_loss = (torch.nn.functional.softplus(-discriminator_logits(target, t, noise, cond)).mean()
+                  + torch.nn.functional.softplus(discriminator_logits(x0.detach(), t, noise, cond)).mean())
+        d_loss.backward()
+        opt_d.step()
+        opt_d.zero_grad()
+        head.requires_grad_(False)
+        g_loss = torch.nn.functional.softplus(-discriminator_logits(x0, t, noise, cond)).mean()
+        head.requires_grad_(True)
+        gan_log.append((d_loss.item(), g_loss.item()))
+        return g_loss
+
     def evaluate(step):
         row = {"step": step, **sample_and_score(one_step, generator, world, args.num_samples)[1]}
         if ema is not None:
             row["ema"] = sample_and_score(one_step, ema, world, args.num_samples)[1]
+        if gan_log:  # the discriminator's and the generator's adversarial losses since the last evaluation
+            row["gan_d_loss"], row["gan_g_loss"] = (round(sum(v) / len(v), 4) for v in zip(*gan_log))
+            gan_log.clear()
         print(args.name, row, f"{time.time() - start:.0f}s", flush=True)
         return row
 
