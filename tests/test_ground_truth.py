@@ -297,8 +297,9 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
     assert set(record["curve"][2]["ema"]) == {"fidelity", "coverage", "weight_tv", "mmd", "off_caption"}
     assert "gan_d_loss" not in record["curve"][2]
 
-    # The adversarial term: the discriminator sees real and fake samples at every step and its losses are logged.
-    args.regression_space, args.gan_weight, args.save = "x0", 0.5, None
+    # The adversarial term (the discriminator sees real and fake samples at every step and its losses are logged) and
+    # the batch-OT coupling of the regression.
+    args.regression_space, args.gan_weight, args.regression_coupling, args.save = "x0", 0.5, "batch_ot", None
     screen.main(args)
     last = json.loads(out.read_text().splitlines()[-1])["curve"][2]
     assert 0 < last["gan_d_loss"] < 10 and 0 < last["gan_g_loss"] < 10

@@ -73,6 +73,11 @@ def parse_args(input_args=None):
     parser.add_argument("--regression_num_inference_steps", type=int, default=8)
     parser.add_argument("--regression_distance", choices=("l2", "pseudo_huber"), default="l2", help="See losses.regression_loss.")
     parser.add_argument("--regression_huber_c", type=float, default=None)
+    parser.add_argument("--regression_coupling", choices=("same_noise", "batch_ot"), default="same_noise",
+                        help="same_noise: each sample regresses onto the teacher's ODE solution from its own noise. "
+                        "batch_ot: the regression samples of a step share one caption, and each regresses onto the "
+                        "teacher solution the optimal assignment (squared distance) within the step gives it: the "
+                        "set of samples must match the teacher's, not the teacher's map of noise to modes.")
     parser.add_argument("--regression_until", type=int, default=None, help="Drop the regression term after this step.")
     parser.add_argument("--regression_space", choices=("x0", "denoised"), default="x0",
                         help="x0: MSE of samples; denoised: MSE of the teacher's x0 predictions of both, diffused to "
@@ -117,8 +122,10 @@ def main(args):
     torch.manual_seed(args.seed)
     shape, batch = world.latent_shape, args.train_batch_size
 
-    def draw_conditioning(size):
+    def draw_conditioning(size, one_caption=False):
         idx = torch.randint(0, world.num_captions, (batch,), generator=rng)[:size]
+        if one_caption:
+            idx = idx[:1].expand(size)
         return Conditioning(embeds[idx], mask[idx], empty_embeds.expand(size, -1, -1), empty_mask.expand(size, -1))
 
     def draw_timesteps(size=batch, low=args.min_timestep, high=args.max_timestep):
@@ -149,6 +156,11 @@ def main(args):
         with torch.no_grad():
             target = dpm_solver_sample(teacher_eps(cond, False), teacher_pipe.scheduler, z, args.regression_num_inference_steps)
         x0 = generate(z, cond)
+        if args.regression_coupling == "batch_ot":
+            from scipy.optimize import linear_sum_assignment
+
+            cost = torch.cdist(x0.detach().flatten(1), target.flatten(1)).square()
+            target = target[torch.as_tensor(linear_sum_assignment(cost.numpy())[1])]
         if args.regression_space == "x0":
             loss = regression_loss(x0, target, args.regression_distance, args.regression_huber_c).mean()
             if args.gan_weight > 0:
@@ -220,7 +232,9 @@ def main(args):
         if args.no_divergence:
             loss = loss * 0
         if args.regression_weight > 0 and (args.regression_until is None or step <= args.regression_until):
-            loss = loss + args.regression_weight * regression(draw_conditioning(args.regression_batch_size), args.regression_batch_size)
+            loss = loss + args.regression_weight * regression(
+                draw_conditioning(args.regression_batch_size, args.regression_coupling == "batch_ot"),
+                args.regression_batch_size)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
         opt_g.step()
