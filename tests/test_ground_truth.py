@@ -299,6 +299,8 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
 
     # The adversarial term (the discriminator sees real and fake samples at every step and its losses are logged) and
     # the batch-OT coupling of the regression.
+    with pytest.raises(SystemExit):  # it acts on the regression samples, so without them it is refused at once
+        screen.parse_args(["--gan_weight", "0.5"])
     args.regression_space, args.gan_weight, args.regression_coupling, args.save = "x0", 0.5, "batch_ot", None
     screen.main(args)
     last = json.loads(out.read_text().splitlines()[-1])["curve"][2]

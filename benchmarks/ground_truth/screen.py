@@ -98,7 +98,11 @@ def parse_args(input_args=None):
                         "e.g. fit_ode_map.py --save.")
     parser.add_argument("--save", default=None, help="Save the final generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "screen.jsonl"))
-    return parser.parse_args(input_args)
+    args = parser.parse_args(input_args)
+    if args.gan_weight > 0 and (args.regression_weight <= 0 or args.regression_space != "x0"):
+        parser.error("--gan_weight acts on the regression samples: it needs --regression_weight > 0 and "
+                     "--regression_space x0")
+    return args
 
 
 def main(args):
@@ -181,11 +185,13 @@ def main(args):
 
     # The adversarial term (--gan_weight): LADD-style, a trainable head on the frozen teacher's features.
     features, gan_log = {}, []
-    networks.teacher.transformer_blocks[-1].register_forward_hook(lambda module, inputs, output: features.update(last=output))
-    width = teacher.config.num_attention_heads * teacher.config.attention_head_dim
-    head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.SiLU(),
-                               torch.nn.Linear(width, 1))
-    opt_d = torch.optim.AdamW(head.parameters(), lr=args.lr_discriminator, betas=(0.0, 0.999), weight_decay=0.0)
+    if args.gan_weight > 0:
+        networks.teacher.transformer_blocks[-1].register_forward_hook(
+            lambda module, inputs, output: features.update(last=output))
+        width = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+        head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.SiLU(),
+                                   torch.nn.Linear(width, 1))
+        opt_d = torch.optim.AdamW(head.parameters(), lr=args.lr_discriminator, betas=(0.0, 0.999), weight_decay=0.0)
 
     def discriminator_logits(x0, t, noise, cond):
         x_t, _, _ = diffuse(x0, t, noise, alphas_cumprod)
