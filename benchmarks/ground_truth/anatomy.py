@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import EVALUATION_SEED, add_world_and_teacher_args  # noqa: E402

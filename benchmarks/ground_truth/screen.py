@@ -156,6 +156,7 @@ def main(args):
         return eps_fn
 
     def regression(cond, size):
+        """(regression loss, adversarial loss of the same samples: 0 without --gan_weight)."""
         z = torch.randn((size, *shape), generator=rng)
         with torch.no_grad():
             target = dpm_solver_sample(teacher_eps(cond, False), teacher_pipe.scheduler, z, args.regression_num_inference_steps)
@@ -167,9 +168,7 @@ def main(args):
             target = target[torch.as_tensor(linear_sum_assignment(cost.numpy())[1])]
         if args.regression_space == "x0":
             loss = regression_loss(x0, target, args.regression_distance, args.regression_huber_c).mean()
-            if args.gan_weight > 0:
-                loss = loss + args.gan_weight / args.regression_weight * adversarial(x0, target, cond)
-            return loss
+            return loss, (adversarial(x0, target, cond) if args.gan_weight > 0 else 0.0)
         t = draw_timesteps(size, args.regression_t_low, args.regression_t_high)
         alpha, sigma = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1), (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=rng)
@@ -179,7 +178,7 @@ def main(args):
             return (x_t - sigma * teacher_eps(cond, grad)(x_t, t)) / alpha
 
         return regression_loss(denoised(x0, True), denoised(target, False).detach(), args.regression_distance,
-                               args.regression_huber_c).mean()
+                               args.regression_huber_c).mean(), 0.0
 
     ema = copy.deepcopy(generator).requires_grad_(False) if args.ema_decay is not None else None
 
@@ -238,9 +237,10 @@ def main(args):
         if args.no_divergence:
             loss = loss * 0
         if args.regression_weight > 0 and (args.regression_until is None or step <= args.regression_until):
-            loss = loss + args.regression_weight * regression(
+            regression_term, adversarial_term = regression(
                 draw_conditioning(args.regression_batch_size, args.regression_coupling == "batch_ot"),
                 args.regression_batch_size)
+            loss = loss + args.regression_weight * regression_term + args.gan_weight * adversarial_term
         loss.backward()
         torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
         opt_g.step()
