@@ -73,6 +73,9 @@ def parse_args(input_args=None):
     parser.add_argument("--regression_num_inference_steps", type=int, default=8)
     parser.add_argument("--regression_distance", choices=("l2", "pseudo_huber"), default="l2", help="See losses.regression_loss.")
     parser.add_argument("--regression_huber_c", type=float, default=None)
+    parser.add_argument("--regression_tolerance", type=float, default=0.0,
+                        help="Samples within this distance (latent norm) of their target are not pulled; see "
+                        "losses.regression_loss.")
     parser.add_argument("--regression_coupling", choices=("same_noise", "batch_ot"), default="same_noise",
                         help="same_noise: each sample regresses onto the teacher's ODE solution from its own noise. "
                         "batch_ot: the regression samples of a step share one caption, and each regresses onto the "
@@ -167,7 +170,8 @@ def main(args):
             cost = torch.cdist(x0.detach().flatten(1), target.flatten(1)).square()
             target = target[torch.as_tensor(linear_sum_assignment(cost.numpy())[1])]
         if args.regression_space == "x0":
-            loss = regression_loss(x0, target, args.regression_distance, args.regression_huber_c).mean()
+            loss = regression_loss(x0, target, args.regression_distance, args.regression_huber_c,
+                                   args.regression_tolerance).mean()
             return loss, (adversarial(x0, target, cond) if args.gan_weight > 0 else 0.0)
         t = draw_timesteps(size, args.regression_t_low, args.regression_t_high)
         alpha, sigma = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1), (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
