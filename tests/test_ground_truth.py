@@ -355,8 +355,12 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
     teacher_model = PixArtTransformer2DModel.from_pretrained(path / "transformer")
     deeper = modules["fit_ode_map"].deepen(copy.deepcopy(teacher_model), 2)
     assert len(deeper.transformer_blocks) == deeper.config.num_layers == teacher_model.config.num_layers + 2
+    deepest = modules["fit_ode_map"].deepen(copy.deepcopy(teacher_model), 2 * teacher_model.config.num_layers + 1)
+    assert len(deepest.transformer_blocks) == 3 * teacher_model.config.num_layers + 1
+    assert deepest.transformer_blocks[1].ff.net[-1].weight.abs().max() == 0  # the copies start as identities
+    assert deepest.transformer_blocks[0].ff.net[-1].weight.abs().max() > 0
     with pytest.raises(ValueError, match="extra_layers"):
-        modules["fit_ode_map"].deepen(teacher_model, teacher_model.config.num_layers + 1)
+        modules["fit_ode_map"].deepen(teacher_model, -1)
 
 
 def test_anatomy_script_scores_generators_and_the_teacher(quick_teacher, world, monkeypatch):

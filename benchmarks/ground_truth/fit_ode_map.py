@@ -67,17 +67,19 @@ def parse_args(input_args=None):
 
 
 def deepen(model, extra_layers: int):
-    """`model` with `extra_layers` more blocks, each a copy of a teacher block inserted right after it, whose output
-    projections (self-attention, cross-attention, feed-forward) are zeroed so that it starts as the identity: the
-    deeper network computes exactly the teacher's function at step 0 and can only add to it."""
+    """`model` with `extra_layers` more blocks, copies of teacher blocks inserted right after them (every block gets
+    extra_layers // L copies, and evenly spaced blocks one more), whose output projections (self-attention,
+    cross-attention, feed-forward) are zeroed so that each starts as the identity: the deeper network computes exactly
+    the teacher's function at step 0 and can only add to it."""
     blocks = list(model.transformer_blocks)
-    if not 0 <= extra_layers <= len(blocks):
-        raise ValueError(f"--extra_layers must be in [0, {len(blocks)}], got {extra_layers}")
-    twins = {round(i * len(blocks) / extra_layers) for i in range(extra_layers)} if extra_layers else set()
+    if extra_layers < 0:
+        raise ValueError(f"--extra_layers must be >= 0, got {extra_layers}")
+    rest = extra_layers % len(blocks)
+    spaced = {round(i * len(blocks) / rest) for i in range(rest)}
     deeper = []
     for i, block in enumerate(blocks):
         deeper.append(block)
-        if i in twins:
+        for _ in range(extra_layers // len(blocks) + (i in spaced)):
             twin = copy.deepcopy(block)
             for linear in (twin.attn1.to_out[0], twin.attn2.to_out[0], twin.ff.net[-1]):
                 torch.nn.init.zeros_(linear.weight)
