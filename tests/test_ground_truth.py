@@ -348,10 +348,16 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
     assert {k: start[k] for k in METRIC_KEYS} == {k: first["curve"][-1][k] for k in METRIC_KEYS}
 
     # A deeper generator (--extra_layers) starts as the teacher's function exactly and then fits differently.
-    deep_out = tmp_path / "deep.jsonl"
-    modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(fit_args[:-4] + ["--extra_layers", "2", "--out", str(deep_out)]))
+    deep_out, deep_saved = tmp_path / "deep.jsonl", tmp_path / "deep.safetensors"
+    modules["fit_ode_map"].main(modules["fit_ode_map"].parse_args(
+        fit_args[:-4] + ["--extra_layers", "2", "--save", str(deep_saved), "--out", str(deep_out)]))
     deep = json.loads(deep_out.read_text())
     assert deep["curve"][0] == first["curve"][0] and deep["curve"][-1] != first["curve"][-1]
+    # screen.py --extra_layers builds the same deeper generator, so it can start from the deeper fit.
+    modules["screen"].main(modules["screen"].parse_args(common + [
+        "--steps", "0", "--extra_layers", "2", "--init_generator", str(deep_saved), "--out", str(screen_out)]))
+    deep_start = json.loads(screen_out.read_text().splitlines()[-1])["curve"][0]
+    assert {k: deep_start[k] for k in METRIC_KEYS} == {k: deep["curve"][-1][k] for k in METRIC_KEYS}
     teacher_model = PixArtTransformer2DModel.from_pretrained(path / "transformer")
     deeper = modules["fit_ode_map"].deepen(copy.deepcopy(teacher_model), 2)
     assert len(deeper.transformer_blocks) == deeper.config.num_layers == teacher_model.config.num_layers + 2

@@ -29,6 +29,7 @@ from _common import (  # noqa: E402
     EVALUATION_SEED,
     add_world_and_teacher_args,
     append_record,
+    deepen,
     evaluating,
     load_teacher_setup,
     mean_squared_error,
@@ -64,30 +65,6 @@ def parse_args(input_args=None):
     parser.add_argument("--save", default=None, help="Save the fitted generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "fit_ode_map.jsonl"))
     return parser.parse_args(input_args)
-
-
-def deepen(model, extra_layers: int):
-    """`model` with `extra_layers` more blocks, copies of teacher blocks inserted right after them (every block gets
-    extra_layers // L copies, and evenly spaced blocks one more), whose output projections (self-attention,
-    cross-attention, feed-forward) are zeroed so that each starts as the identity: the deeper network computes exactly
-    the teacher's function at step 0 and can only add to it."""
-    blocks = list(model.transformer_blocks)
-    if extra_layers < 0:
-        raise ValueError(f"--extra_layers must be >= 0, got {extra_layers}")
-    rest = extra_layers % len(blocks)
-    spaced = {round(i * len(blocks) / rest) for i in range(rest)}
-    deeper = []
-    for i, block in enumerate(blocks):
-        deeper.append(block)
-        for _ in range(extra_layers // len(blocks) + (i in spaced)):
-            twin = copy.deepcopy(block)
-            for linear in (twin.attn1.to_out[0], twin.attn2.to_out[0], twin.ff.net[-1]):
-                torch.nn.init.zeros_(linear.weight)
-                torch.nn.init.zeros_(linear.bias)
-            deeper.append(twin)
-    model.transformer_blocks = torch.nn.ModuleList(deeper)
-    model.register_to_config(num_layers=len(deeper))
-    return model
 
 
 def main(args):

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     add_world_and_teacher_args,
     append_record,
+    deepen,
     load_teacher_setup,
     load_weights,
     sample_and_score,
@@ -97,6 +98,9 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_discriminator", type=float, default=1e-4)
     parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="Of both networks.")
     parser.add_argument("--ema_decay", type=float, default=None, help="Also score an EMA of the generator's weights.")
+    parser.add_argument("--extra_layers", type=int, default=0,
+                        help="A generator this many blocks deeper than the teacher (as fit_ode_map.py's; start it "
+                        "from such a fit with --init_generator).")
     parser.add_argument("--init_generator", default=None, help="Start the generator from these weights (safetensors), "
                         "e.g. fit_ode_map.py --save.")
     parser.add_argument("--save", default=None, help="Save the final generator's weights here (safetensors).")
@@ -113,7 +117,7 @@ def main(args):
     alphas_cumprod = teacher_pipe.scheduler.alphas_cumprod
     t_star = one_step.conditioning_timestep
     teacher = teacher_pipe.transformer
-    generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    generator = deepen(copy.deepcopy(teacher), args.extra_layers).train().requires_grad_(True)
     if args.init_generator:
         load_weights(generator, args.init_generator)
     networks = ScoreNetworks.build(copy.deepcopy(teacher))
