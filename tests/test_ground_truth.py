@@ -301,6 +301,12 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
     # the batch-OT coupling of the regression.
     with pytest.raises(SystemExit):  # it acts on the regression samples, so without them it is refused at once
         screen.parse_args(["--gan_weight", "0.5"])
+    for refused in (["--regression_tolerance", "2"], ["--regression_weight", "1", "--regression_tolerance", "-1"],
+                    ["--regression_weight", "1", "--regression_space", "denoised", "--regression_tolerance", "2"],
+                    ["--extra_layers", "-1"]):
+        with pytest.raises(SystemExit):
+            screen.parse_args(refused)
+    assert screen.parse_args(["--regression_weight", "1", "--regression_tolerance", "2"]).regression_tolerance == 2
     args.regression_space, args.gan_weight, args.regression_coupling, args.save = "x0", 0.5, "batch_ot", None
     screen.main(args)
     last = json.loads(out.read_text().splitlines()[-1])["curve"][2]

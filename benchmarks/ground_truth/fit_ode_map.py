@@ -64,7 +64,10 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="Save the fitted generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "fit_ode_map.jsonl"))
-    return parser.parse_args(input_args)
+    args = parser.parse_args(input_args)
+    if args.extra_layers < 0:
+        parser.error(f"--extra_layers must be >= 0, got {args.extra_layers}")
+    return args
 
 
 def main(args):

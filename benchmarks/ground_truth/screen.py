@@ -109,6 +109,12 @@ def parse_args(input_args=None):
     if args.gan_weight > 0 and (args.regression_weight <= 0 or args.regression_space != "x0"):
         parser.error("--gan_weight acts on the regression samples: it needs --regression_weight > 0 and "
                      "--regression_space x0")
+    if args.regression_tolerance < 0 or (args.regression_tolerance > 0 and (
+            args.regression_weight <= 0 or args.regression_space != "x0")):
+        parser.error("--regression_tolerance must be >= 0, and acts on the x0 regression: it needs "
+                     "--regression_weight > 0 and --regression_space x0")
+    if args.extra_layers < 0:
+        parser.error(f"--extra_layers must be >= 0, got {args.extra_layers}")
     return args
 
 
