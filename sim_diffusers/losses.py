@@ -396,8 +396,8 @@ def regression_loss(x0: torch.Tensor, target: torch.Tensor, distance: str = "l2"
         raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
     diff = x0.float() - target.float()
     if tolerance > 0:
-        norm = diff.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (diff.dim() - 1)))
-        diff = diff * (1.0 - tolerance / norm).clamp_min(0.0)
+        norm = diff.flatten(1).norm(dim=1).clamp_min(1e-12)
+        diff = diff * _per_sample((1.0 - tolerance / norm).clamp_min(0.0), diff)
     numel = diff[0].numel()
     if distance == "l2":
         return diff.square().flatten(1).mean(dim=1)
