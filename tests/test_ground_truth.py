@@ -373,6 +373,8 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
     assert deepest.transformer_blocks[0].ff.net[-1].weight.abs().max() > 0
     with pytest.raises(ValueError, match="extra_layers"):
         modules["fit_ode_map"].deepen(teacher_model, -1)
+    with pytest.raises(SystemExit):  # and the scripts refuse it before loading anything
+        modules["fit_ode_map"].parse_args(["--extra_layers", "-1"])
 
 
 def test_anatomy_script_scores_generators_and_the_teacher(quick_teacher, world, monkeypatch):

@@ -31,6 +31,20 @@ def add_world_and_teacher_args(parser: argparse.ArgumentParser) -> None:
                        help="torch CPU threads. One is the robust choice for these tiny models on a shared machine.")
 
 
+def add_extra_layers_arg(parser: argparse.ArgumentParser) -> None:
+    """--extra_layers (see `deepen`), refused at parse time when negative."""
+    def non_negative(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        return value
+
+    parser.add_argument("--extra_layers", type=non_negative, default=0,
+                        help="Give the generator this many more transformer blocks than the teacher (copies of teacher "
+                        "blocks that start as identities, see deepen); to start SIM from such a fit, pass the same "
+                        "value to screen.py with --init_generator.")
+
+
 def world_and_config(args) -> tuple[GaussianMixtureWorld, TeacherConfig]:
     torch.set_num_threads(args.num_threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

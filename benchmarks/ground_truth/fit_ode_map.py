@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     EVALUATION_SEED,
+    add_extra_layers_arg,
     add_world_and_teacher_args,
     append_record,
     deepen,
@@ -58,16 +59,11 @@ def parse_args(input_args=None):
     parser.add_argument("--distance", choices=("l2", "pseudo_huber"), default="l2", help="See losses.regression_loss.")
     parser.add_argument("--huber_c", type=float, default=None, help="Pseudo-Huber c (norm units); default as for SIM.")
     parser.add_argument("--conditioning_timestep", type=int, default=None, help="t*; default VE sigma 2.5 (t = 440).")
-    parser.add_argument("--extra_layers", type=int, default=0,
-                        help="Give the generator this many more transformer blocks than the teacher (copies of evenly "
-                             "spaced teacher blocks that start as identities): does the fit's limit move with depth?")
+    add_extra_layers_arg(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="Save the fitted generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "fit_ode_map.jsonl"))
-    args = parser.parse_args(input_args)
-    if args.extra_layers < 0:
-        parser.error(f"--extra_layers must be >= 0, got {args.extra_layers}")
-    return args
+    return parser.parse_args(input_args)
 
 
 def main(args):

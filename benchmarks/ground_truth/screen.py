@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    add_extra_layers_arg,
     add_world_and_teacher_args,
     append_record,
     deepen,
@@ -98,9 +99,7 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_discriminator", type=float, default=1e-4)
     parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default="constant", help="Of both networks.")
     parser.add_argument("--ema_decay", type=float, default=None, help="Also score an EMA of the generator's weights.")
-    parser.add_argument("--extra_layers", type=int, default=0,
-                        help="A generator this many blocks deeper than the teacher (as fit_ode_map.py's; start it "
-                        "from such a fit with --init_generator).")
+    add_extra_layers_arg(parser)
     parser.add_argument("--init_generator", default=None, help="Start the generator from these weights (safetensors), "
                         "e.g. fit_ode_map.py --save.")
     parser.add_argument("--save", default=None, help="Save the final generator's weights here (safetensors).")
@@ -113,8 +112,6 @@ def parse_args(input_args=None):
             args.regression_weight <= 0 or args.regression_space != "x0")):
         parser.error("--regression_tolerance must be >= 0, and acts on the x0 regression: it needs "
                      "--regression_weight > 0 and --regression_space x0")
-    if args.extra_layers < 0:
-        parser.error(f"--extra_layers must be >= 0, got {args.extra_layers}")
     return args
 
 
