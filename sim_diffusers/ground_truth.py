@@ -466,6 +466,85 @@ def off_mode_anatomy(world: GaussianMixtureWorld, caption_idx: int, samples: tor
     return result
 
 
+def band_widths(world: GaussianMixtureWorld, caption_idx: int, line_samples: torch.Tensor, offsets: torch.Tensor) -> dict:
+    """How wide, in noise space, the off-mode band is that an off-mode sample's noise lies in.
+
+    A sampler maps noise z ~ N(0, I) to latents; its off-mode samples come from the noise between the regions it sends
+    to different modes. `line_samples` (M, K, C, H, W) are its outputs along M lines in noise space, each through the
+    noise of an off-mode sample at `offsets` (K,), evenly spaced, increasing and containing 0 (that sample). The band
+    through a line is the run of off-mode points around offset 0; its width is estimated as (points in the run) x
+    spacing, unbiased when the band's edges fall anywhere between grid points.
+
+    Returns per line (M,): "width" (nan where the run reaches an end of the line), "censored" (it does), "between_modes"
+    (on-mode points of two different modes of the caption bound it) and "max_slope" (the largest latent distance
+    between neighbouring points over their noise distance: a lower bound on the map's local Lipschitz constant).
+    """
+    num_lines, num_points = line_samples.shape[:2]
+    if offsets.shape != (num_points,) or not bool((offsets.diff() > 0).all()) or not bool((offsets == 0).any()):
+        raise ValueError("offsets must be K increasing values, one of them 0, K = line_samples.shape[1].")
+    flat = line_samples.reshape(num_lines * num_points, *line_samples.shape[2:])
+    distances = torch.cdist(world.patterns(flat), world.patterns(world.means[caption_idx]))
+    nearest = distances.min(dim=1)
+    labels = torch.where(nearest.values < world.fidelity_radius, nearest.indices, -1).reshape(num_lines, num_points)
+    spacing = float(offsets.diff().mean())
+    center = int((offsets == 0).nonzero())
+    width = torch.full((num_lines,), math.nan)
+    censored = torch.zeros(num_lines, dtype=torch.bool)
+    between_modes = torch.zeros(num_lines, dtype=torch.bool)
+    for m, line in enumerate(labels.tolist()):
+        if line[center] != -1:  # not off-mode after all: a band of width 0
+            width[m] = 0.0
+            continue
+        lo, hi = center, center
+        while lo > 0 and line[lo - 1] == -1:
+            lo -= 1
+        while hi < num_points - 1 and line[hi + 1] == -1:
+            hi += 1
+        if lo == 0 or hi == num_points - 1:
+            censored[m] = True
+            continue
+        width[m] = (hi - lo + 1) * spacing
+        between_modes[m] = line[lo - 1] != line[hi + 1]
+    steps = line_samples.detach().float().cpu().flatten(2).diff(dim=1).norm(dim=2) / offsets.diff()
+    return {"width": width, "censored": censored, "between_modes": between_modes, "max_slope": steps.amax(dim=1)}
+
+
+def circle_crossings(world: GaussianMixtureWorld, caption_idx: int, circle_samples: torch.Tensor) -> dict:
+    """Boundary crossings of a sampler's map along great circles of noise, z(theta) = cos(theta) z1 + sin(theta) z2.
+
+    With z1, z2 independent N(0, I), every z(theta) is N(0, I) and so is its direction dz/dtheta, independently; by
+    the Gaussian Crofton (Rice) formula a circle then crosses a boundary of Gaussian surface measure A on average
+    2 pi sqrt(2 / pi) A = 5.01 A times. `circle_samples` (M, K, C, H, W) are the sampler's outputs at K evenly spaced
+    angles of M circles. Going round a circle, the caption's mode changes at each boundary: in one step ("clean") or
+    through off-mode points (a band). Off-mode runs that return to the mode they left are excursions.
+
+    Returns totals over the circles: "circles", "points", "off_mode" points, "crossings" (changes of mode), "clean"
+    crossings, "band_points" (off-mode points inside crossings) and "excursion_points"; circles with no point on a
+    mode are counted in "circles_off_mode" and add no crossing.
+    """
+    num_circles, num_points = circle_samples.shape[:2]
+    flat = circle_samples.reshape(num_circles * num_points, *circle_samples.shape[2:])
+    distances = torch.cdist(world.patterns(flat), world.patterns(world.means[caption_idx]))
+    nearest = distances.min(dim=1)
+    labels = torch.where(nearest.values < world.fidelity_radius, nearest.indices, -1).reshape(num_circles, num_points)
+    totals = dict(circles=num_circles, points=num_circles * num_points, off_mode=int((labels == -1).sum()),
+                  crossings=0, clean=0, band_points=0, excursion_points=0, circles_off_mode=0)
+    for circle in labels.tolist():
+        on = [k for k, label in enumerate(circle) if label != -1]
+        if not on:
+            totals["circles_off_mode"] += 1
+            continue
+        for here, there in zip(on, on[1:] + [on[0] + num_points]):  # cyclic: the last on-mode point to the first
+            gap = there - here - 1
+            if circle[here] != circle[there % num_points]:
+                totals["crossings"] += 1
+                totals["clean"] += gap == 0
+                totals["band_points"] += gap
+            else:
+                totals["excursion_points"] += gap
+    return totals
+
+
 def _mean_metrics(rows: Sequence[dict]) -> dict:
     return {key: sum(row[key] for row in rows) / len(rows) for key in METRIC_KEYS}
 
@@ -498,8 +577,9 @@ def evaluate_pipeline(pipe, world: GaussianMixtureWorld, num_samples: int = 256,
     return evaluate_pipeline_latents(world, sample_pipeline_latents(pipe, world, num_samples, seed, **call_kwargs))
 
 
-def _initial_noise(world, num_samples, seed, caption_idx, device="cpu"):
-    # The noise PixArtAlphaPipeline.prepare_latents draws from a CPU generator seeded like sample_pipeline_latents.
+def initial_noise(world, num_samples, seed, caption_idx, device="cpu"):
+    """The noise z ~ N(0, I) that `sample_pipeline_latents` (and so every sampler here) starts caption
+    `caption_idx` from: what PixArtAlphaPipeline.prepare_latents draws from a CPU generator seeded seed + caption_idx."""
     generator = torch.Generator().manual_seed(seed + caption_idx)
     return torch.randn((num_samples, *world.latent_shape), generator=generator).to(device)
 
@@ -512,7 +592,7 @@ def sample_exact_latents(
     alphas_cumprod = scheduler.alphas_cumprod
     latents = []
     for caption_idx in range(world.num_captions):
-        noise = _initial_noise(world, num_samples, seed, caption_idx)
+        noise = initial_noise(world, num_samples, seed, caption_idx)
 
         def eps_fn(x_t, t, caption_idx=caption_idx):
             return world.guided_exact_eps(x_t, int(t), caption_idx, guidance_scale, alphas_cumprod)
@@ -546,7 +626,7 @@ def sample_teacher_latents(
             caption, guidance_scale > 1.0, negative_prompt="", device=device, clean_caption=True,
             num_images_per_prompt=num_samples,
         )
-        noise = _initial_noise(world, num_samples, seed, caption_idx, device)
+        noise = initial_noise(world, num_samples, seed, caption_idx, device)
 
         @torch.no_grad()
         def eps_fn(x_t, t):

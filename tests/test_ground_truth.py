@@ -15,6 +15,8 @@ from sim_diffusers.ground_truth import (
     METRIC_KEYS,
     GaussianMixtureWorld,
     TeacherConfig,
+    band_widths,
+    circle_crossings,
     caption_metrics,
     chi_quantile,
     encode_world_captions,
@@ -191,6 +193,45 @@ def test_off_mode_anatomy_tells_global_blends_from_regions_that_follow_different
     assert 0.3 < patchwork["committed_second"] <= 0.5
 
 
+def test_band_widths_measure_the_off_mode_run_through_the_centre_of_each_line(world):
+    offsets = torch.arange(-20, 21) * 0.05  # 0 at index 20
+    mu_a, mu_b = world.means[0][0], world.means[0][1]
+    blend = 0.5 * (mu_a + mu_b)
+
+    def line(left, right, band=(-0.3, 0.2)):  # left mode below the band, right mode above, the blend inside
+        picks = [left if u < band[0] else right if u > band[1] else blend for u in offsets.tolist()]
+        return torch.stack(picks)
+
+    lines = torch.stack([line(mu_a, mu_b), line(mu_a, mu_a), line(blend, blend), line(mu_b, mu_b, band=(0.5, 0.6))])
+    result = band_widths(world, 0, lines, offsets)
+    assert result["width"][0] == pytest.approx(0.5, abs=0.05 + 1e-6)  # the band is 0.5 wide
+    assert result["between_modes"].tolist() == [True, False, False, False]  # the second is an excursion from mode a
+    assert result["width"][1] == result["width"][0]
+    assert result["censored"].tolist() == [False, False, True, False] and math.isnan(result["width"][2])
+    assert result["width"][3] == 0.0  # the centre is on a mode: no band there
+    jump = float((mu_a - blend).norm()) / 0.05
+    assert result["max_slope"][0] == pytest.approx(jump, rel=1e-4) and result["max_slope"][2] == 0.0
+
+    with pytest.raises(ValueError, match="offsets"):
+        band_widths(world, 0, lines, offsets + 0.01)  # no 0: no off-mode sample to measure through
+
+
+def test_circle_crossings_count_changes_of_mode_round_each_circle(world):
+    mu_a, mu_b = world.means[0][0], world.means[0][1]
+    off = 0.5 * (mu_a + mu_b)
+    circles = torch.stack([
+        torch.stack([mu_a, mu_a, off, mu_b, mu_b, mu_a, off, off]),  # a -band- b, b -clean- a, then off and back to a
+        torch.stack([mu_b, off, mu_b, mu_b, mu_b, mu_b, mu_b, mu_b]),  # one excursion, no crossing
+        torch.stack([off] * 8),
+    ])
+    assert circle_crossings(world, 0, circles) == {
+        "circles": 3, "points": 24, "off_mode": 12, "crossings": 2, "clean": 1, "band_points": 1,
+        "excursion_points": 3, "circles_off_mode": 1}
+    # Round the end of the circle is a crossing too.
+    wrapped = torch.stack([mu_b, mu_b, mu_a, mu_a, off, off, off, off])[None]
+    assert circle_crossings(world, 0, wrapped)["crossings"] == 2 and circle_crossings(world, 0, wrapped)["band_points"] == 4
+
+
 def test_exact_eps_oracle_with_dpm_solver_recovers_the_world(world):
     result = evaluate_pipeline_latents(world, sample_exact_latents(world, pixart_dpm_solver(), 128, 20))
     assert result["mean"]["fidelity"] > 0.97 and result["mean"]["coverage"] == 1.0
@@ -238,6 +279,17 @@ def quick_teacher(tmp_path_factory, world):
     return path, config
 
 
+def benchmark_script(name: str):
+    """benchmarks/ground_truth/<name>.py as a module (it puts its folder on sys.path, so `_common` is importable)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_quick_teacher_is_a_cached_pixart_pipeline_that_learned_the_exact_eps(quick_teacher, world, monkeypatch):
     path, config = quick_teacher
     assert (path / "model_index.json").exists() and list(path.glob("transformer/*.safetensors"))
@@ -274,15 +326,10 @@ def test_sample_pipeline_latents_of_the_one_step_generator(quick_teacher, world)
 
 def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_path, monkeypatch):
     """benchmarks/ground_truth/screen.py (the fast ablation loop) runs every option it offers and changes the generator."""
-    import importlib.util
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     path, config = quick_teacher
-    spec = importlib.util.spec_from_file_location("screen", Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth" / "screen.py")
-    screen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(screen)
+    screen = benchmark_script("screen")
     monkeypatch.setattr(sys.modules["_common"], "world_and_config", lambda args: (world, config))
     out, saved = tmp_path / "screen.jsonl", tmp_path / "generator.safetensors"
     args = screen.parse_args([
@@ -319,18 +366,11 @@ def test_screening_harness_trains_scores_and_records(quick_teacher, world, tmp_p
 def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher, world, tmp_path, monkeypatch):
     """fit_ode_map.py fits the generator to cached teacher-ODE pairs; screen.py --init_generator starts from its weights
     (its step-0 scores are the fit's last ones: same weights, same evaluation noise)."""
-    import importlib.util
-    from pathlib import Path
 
     from safetensors.torch import load_file
 
     path, config = quick_teacher
-    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth"
-    modules = {}
-    for name in ("fit_ode_map", "screen"):
-        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-        modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules[name])
+    modules = {name: benchmark_script(name) for name in ("fit_ode_map", "screen")}
     monkeypatch.setattr(sys.modules["_common"], "world_and_config", lambda args: (world, config))
     common = ["--world", "quick", "--cache_dir", str(path.parent), "--num_samples", "8"]
     saved, fit_out = tmp_path / "fit.safetensors", tmp_path / "fit.jsonl"
@@ -378,13 +418,8 @@ def test_ode_map_fit_trains_saves_and_seeds_the_screening_harness(quick_teacher,
 
 
 def test_anatomy_script_scores_generators_and_the_teacher(quick_teacher, world, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
     path, config = quick_teacher
-    spec = importlib.util.spec_from_file_location("anatomy", Path(__file__).resolve().parents[1] / "benchmarks" / "ground_truth" / "anatomy.py")
-    anatomy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(anatomy)
+    anatomy = benchmark_script("anatomy")
     monkeypatch.setattr(sys.modules["_common"], "world_and_config", lambda args: (world, config))
     common = ["--world", "quick", "--cache_dir", str(path.parent), "--num_samples", "16"]
     with pytest.raises(SystemExit, match="holds no generator"):
@@ -395,3 +430,33 @@ def test_anatomy_script_scores_generators_and_the_teacher(quick_teacher, world, 
     assert rows[str(path)] == rows["untrained one-step generator"]
     for r in rows.values():
         assert r["fidelity"] + r["off_mode"] == pytest.approx(1.0)
+
+
+def test_transitions_script_measures_bands_and_crossings_and_loads_deeper_weights(quick_teacher, world, tmp_path,
+                                                                                   monkeypatch):
+    path, config = quick_teacher
+    transitions = benchmark_script("transitions")
+    common_module = sys.modules["_common"]
+    monkeypatch.setattr(common_module, "world_and_config", lambda args: (world, config))
+    common = ["--world", "quick", "--cache_dir", str(path.parent), "--num_samples", "16", "--max_lines", "3",
+              "--half_length", "1.0", "--spacing", "0.25", "--circles", "2", "--circle_points", "24"]
+    with pytest.raises(SystemExit):
+        transitions.parse_args(["--circles", "9", "--num_samples", "16"])  # a circle takes two noises
+    with pytest.raises(SystemExit, match="holds no generator"):
+        transitions.main(transitions.parse_args([str(tmp_path / "weights.bin"), *common]))
+    # Weights saved from a deepened copy of the teacher (copies start as identities) load into a network as deep as
+    # the file says and compute the teacher's one-step function: the untrained generator's row.
+    deeper = tmp_path / "deeper.safetensors"
+    model = PixArtTransformer2DModel.from_pretrained(path / "transformer")
+    common_module.save_weights(common_module.deepen(model, 2), deeper)
+    out = tmp_path / "rows.json"
+    rows = transitions.main(transitions.parse_args([str(deeper), "--untrained", "--teacher_steps", "2", *common,
+                                                    "--out", str(out)]))
+    assert list(rows) == ["teacher 2 steps", "untrained one-step generator", str(deeper)]
+    assert rows[str(deeper)] == pytest.approx(rows["untrained one-step generator"], nan_ok=True)
+    assert json.loads(out.read_text())["rows"].keys() == rows.keys()
+    for row in rows.values():
+        assert 0.0 <= row["fidelity"] <= 1.0 and 0.0 <= row["circle_off_mode"] <= 1.0
+        assert row["band_fraction"] <= row["circle_off_mode"]  # band points are some of the off-mode points
+        if row["num_lines"]:
+            assert row["median_max_slope"] > 0 and 0.0 <= row["censored"] <= 1.0

@@ -136,6 +136,35 @@ def deepen(model, extra_layers: int):
     return model
 
 
+def generator_path(text: str) -> Path:
+    """Where a generator's weights are: a checkpoint, pipeline or transformer folder of `distill.py` (its
+    config.json), or a safetensors file of `screen.py --save` / `fit_ode_map.py --save`. Exits with one line if none."""
+    path = Path(text)
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    for candidate in (path / "generator", path / "transformer", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise SystemExit(f"error: {path} holds no generator (no config.json in it, its generator/ or its transformer/, "
+                     "and it is not a .safetensors file).")
+
+
+def load_generator(path: Path, teacher_transformer):
+    """The generator at `generator_path(...)` `path`. A safetensors file holds only weights: the network is the
+    teacher's, deepened (see `deepen`) to as many blocks as the file has."""
+    from diffusers import PixArtTransformer2DModel
+
+    if path.suffix != ".safetensors":
+        return PixArtTransformer2DModel.from_pretrained(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        blocks = {int(key.split(".")[1]) for key in f.keys() if key.startswith("transformer_blocks.")}
+    model = deepen(copy.deepcopy(teacher_transformer), max(blocks) + 1 - len(teacher_transformer.transformer_blocks))
+    load_weights(model, path)
+    return model
+
+
 def load_weights(model, path) -> None:
     from safetensors.torch import load_file
 

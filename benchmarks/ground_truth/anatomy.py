@@ -18,26 +18,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _common import EVALUATION_SEED, add_world_and_teacher_args  # noqa: E402
+from _common import EVALUATION_SEED, add_world_and_teacher_args, generator_path, load_generator  # noqa: E402
 
 COLUMNS = ("fidelity", "off_mode", "committed_nearest", "committed_second", "in_between", "regionally_inconsistent")
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("generators", nargs="*", help="Folders with a generator: a checkpoint, a pipeline, or a transformer folder.")
+    parser.add_argument("generators", nargs="*", help="Generators: checkpoint, pipeline or transformer folders, or safetensors of screen.py / fit_ode_map.py --save.")
     parser.add_argument("--teacher_steps", type=int, nargs="*", default=[], help="Also the teacher with DPM-Solver++ at these steps (g = 1).")
     parser.add_argument("--untrained", action="store_true", help="Also the untrained one-step generator.")
     parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption.")
     add_world_and_teacher_args(parser)
     return parser.parse_args(input_args)
-
-
-def transformer_folder(path: Path) -> Path:
-    for candidate in (path / "generator", path / "transformer", path):
-        if (candidate / "config.json").is_file():
-            return candidate
-    sys.exit(f"error: {path} holds no generator (no config.json in it, its generator/ or its transformer/).")
 
 
 def row(world, latents) -> dict:
@@ -49,12 +42,12 @@ def row(world, latents) -> dict:
 
 
 def main(args) -> dict:
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtAlphaPipeline
 
     from sim_diffusers import SIMOneStepPipeline
     from sim_diffusers.ground_truth import load_or_build_teacher, sample_pipeline_latents, sample_teacher_latents
 
-    folders = [transformer_folder(Path(g)) for g in args.generators]  # bad paths fail before any model is loaded
+    paths = [generator_path(g) for g in args.generators]  # bad paths fail before any model is loaded
     world, config = _common.world_and_config(args)
     teacher = PixArtAlphaPipeline.from_pretrained(load_or_build_teacher(world, config, args.cache_dir))
     teacher.set_progress_bar_config(disable=True)
@@ -64,8 +57,8 @@ def main(args) -> dict:
         rows[f"teacher {steps} steps"] = row(world, sample_teacher_latents(teacher, world, args.num_samples, steps, seed=EVALUATION_SEED))
     if args.untrained:
         rows["untrained one-step generator"] = row(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED))
-    for name, folder in zip(args.generators, folders):
-        one_step.transformer = PixArtTransformer2DModel.from_pretrained(folder)
+    for name, path in zip(args.generators, paths):
+        one_step.transformer = load_generator(path, teacher.transformer)
         rows[name] = row(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED))
     lines = ["| sampler | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |" for name, r in rows.items()]
