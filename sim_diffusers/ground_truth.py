@@ -466,6 +466,14 @@ def off_mode_anatomy(world: GaussianMixtureWorld, caption_idx: int, samples: tor
     return result
 
 
+def _own_mode_labels(world: GaussianMixtureWorld, caption_idx: int, samples: torch.Tensor) -> torch.Tensor:
+    """For samples (..., C, H, W): the index of the caption's mode each lies within the fidelity radius of, else -1;
+    shape (...)."""
+    flat = samples.reshape(-1, *samples.shape[-3:])
+    nearest = torch.cdist(world.patterns(flat), world.patterns(world.means[caption_idx])).min(dim=1)
+    return torch.where(nearest.values < world.fidelity_radius, nearest.indices, -1).reshape(samples.shape[:-3])
+
+
 def band_widths(world: GaussianMixtureWorld, caption_idx: int, line_samples: torch.Tensor, offsets: torch.Tensor) -> dict:
     """How wide, in noise space, the off-mode band is that an off-mode sample's noise lies in.
 
@@ -482,10 +490,7 @@ def band_widths(world: GaussianMixtureWorld, caption_idx: int, line_samples: tor
     num_lines, num_points = line_samples.shape[:2]
     if offsets.shape != (num_points,) or not bool((offsets.diff() > 0).all()) or not bool((offsets == 0).any()):
         raise ValueError("offsets must be K increasing values, one of them 0, K = line_samples.shape[1].")
-    flat = line_samples.reshape(num_lines * num_points, *line_samples.shape[2:])
-    distances = torch.cdist(world.patterns(flat), world.patterns(world.means[caption_idx]))
-    nearest = distances.min(dim=1)
-    labels = torch.where(nearest.values < world.fidelity_radius, nearest.indices, -1).reshape(num_lines, num_points)
+    labels = _own_mode_labels(world, caption_idx, line_samples)
     spacing = float(offsets.diff().mean())
     center = int((offsets == 0).nonzero())
     width = torch.full((num_lines,), math.nan)
@@ -523,10 +528,7 @@ def circle_crossings(world: GaussianMixtureWorld, caption_idx: int, circle_sampl
     mode are counted in "circles_off_mode" and add no crossing.
     """
     num_circles, num_points = circle_samples.shape[:2]
-    flat = circle_samples.reshape(num_circles * num_points, *circle_samples.shape[2:])
-    distances = torch.cdist(world.patterns(flat), world.patterns(world.means[caption_idx]))
-    nearest = distances.min(dim=1)
-    labels = torch.where(nearest.values < world.fidelity_radius, nearest.indices, -1).reshape(num_circles, num_points)
+    labels = _own_mode_labels(world, caption_idx, circle_samples)
     totals = dict(circles=num_circles, points=num_circles * num_points, off_mode=int((labels == -1).sum()),
                   crossings=0, clean=0, band_points=0, excursion_points=0, circles_off_mode=0)
     for circle in labels.tolist():
