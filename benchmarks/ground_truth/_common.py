@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -169,6 +170,13 @@ def load_weights(model, path) -> None:
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(str(path)))
+
+
+def markdown_table(rows: dict, columns) -> str:
+    """One line per sampler (the keys of `rows`) with its `columns` to three decimals; a missing value prints nan."""
+    lines = ["| sampler | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{r.get(c, math.nan):.3f}" for c in columns) + " |" for name, r in rows.items()]
+    return "\n".join(lines)
 
 
 def append_record(args, curve, start: float) -> None:

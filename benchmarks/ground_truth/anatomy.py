@@ -18,7 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _common import EVALUATION_SEED, add_world_and_teacher_args, generator_path, load_generator  # noqa: E402
+from _common import (  # noqa: E402
+    EVALUATION_SEED,
+    add_world_and_teacher_args,
+    generator_path,
+    load_generator,
+    markdown_table,
+)
 
 COLUMNS = ("fidelity", "off_mode", "committed_nearest", "committed_second", "in_between", "regionally_inconsistent")
 
@@ -60,9 +66,7 @@ def main(args) -> dict:
     for name, path in zip(args.generators, paths):
         one_step.transformer = load_generator(path, teacher.transformer)
         rows[name] = row(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED))
-    lines = ["| sampler | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |" for name, r in rows.items()]
-    print("\n".join(lines))
+    print(markdown_table(rows, COLUMNS))
     return rows
 
 

@@ -40,7 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from _common import EVALUATION_SEED, add_world_and_teacher_args, generator_path, load_generator  # noqa: E402
+from _common import (  # noqa: E402
+    EVALUATION_SEED,
+    add_world_and_teacher_args,
+    generator_path,
+    load_generator,
+    markdown_table,
+)
 
 LINE_COLUMNS = ("fidelity", "between_modes", "censored", "median_width", "mean_width", "median_max_slope")
 CIRCLE_COLUMNS = ("circle_off_mode", "crossings_per_circle", "boundary_measure", "clean_crossings", "band_fraction",
@@ -157,12 +163,6 @@ def summarise(results) -> dict:
     return row
 
 
-def table(rows: dict, columns) -> str:
-    lines = ["| sampler | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{r.get(c, math.nan):.3f}" for c in columns) + " |" for name, r in rows.items()]
-    return "\n".join(lines)
-
-
 def main(args) -> dict:
     from diffusers import PixArtAlphaPipeline
 
@@ -203,9 +203,9 @@ def main(args) -> dict:
     for name, make_map in samplers.items():
         rows[name] = summarise([measure(world, c, make_map(c), args) for c in range(world.num_captions)])
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()), flush=True)
-    print(table(rows, LINE_COLUMNS))
+    print(markdown_table(rows, LINE_COLUMNS))
     if args.circles:
-        print(table(rows, CIRCLE_COLUMNS))
+        print(markdown_table(rows, CIRCLE_COLUMNS))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return rows
