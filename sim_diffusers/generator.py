@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .schedule import alpha_sigma
+
 
 def latent_channels_of(transformer) -> int:
     return transformer.config.in_channels
@@ -109,16 +111,21 @@ def guided_eps(
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+def _alpha_sigma_at(alphas_cumprod: torch.Tensor, timestep: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) of one timestep, 0-dim float32 tensors on `device`."""
+    return alpha_sigma(alphas_cumprod, torch.tensor(int(timestep), device=device))
+
+
 def scale_noise_to_conditioning_timestep(noise: torch.Tensor, alphas_cumprod: torch.Tensor, t_star: int) -> torch.Tensor:
     """x_in = sigma_{t*} z: the noisy latent of t* whose signal is zero."""
-    sigma_star = (1.0 - alphas_cumprod[t_star]).sqrt().to(device=noise.device)
+    _, sigma_star = _alpha_sigma_at(alphas_cumprod, t_star, noise.device)
     return sigma_star * noise
 
 
 def eps_to_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, alphas_cumprod: torch.Tensor, t_star: int) -> torch.Tensor:
     """x0 = (x_t - sigma_t eps_hat) / alpha_t at a single timestep (DDPMScheduler's pred_original_sample)."""
-    alphabar = alphas_cumprod[t_star].to(device=x_t.device)
-    return (x_t - (1.0 - alphabar) ** 0.5 * eps_hat) / alphabar**0.5
+    alpha, sigma = _alpha_sigma_at(alphas_cumprod, t_star, x_t.device)
+    return (x_t - sigma * eps_hat) / alpha
 
 
 def one_step_generate(

@@ -41,6 +41,19 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> tuple[
     return alphabar.sqrt(), (1.0 - alphabar).sqrt()
 
 
+def diffuse(
+    x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward diffusion x_t = alpha_t x0 + sigma_t eps, per sample.
+
+    x0, noise: (B, C, H, W); timesteps: (B,) DDPM indices. Returns x_t in x0's dtype and (B,) float32 alpha_t, sigma_t.
+    """
+    alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x_t = alpha.view(shape).to(x0.dtype) * x0 + sigma.view(shape).to(x0.dtype) * noise.to(x0.dtype)
+    return x_t, alpha, sigma
+
+
 def check_timestep(alphas_cumprod: torch.Tensor, timestep: int, name: str = "conditioning_timestep") -> int:
     """Validate a timestep index against the schedule and return it as int."""
     num_train_timesteps = alphas_cumprod.shape[0]

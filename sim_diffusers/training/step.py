@@ -15,15 +15,7 @@ import torch
 
 from ..losses import fake_score_loss, loss_weight, regression_loss
 from ..sampling import dpm_solver_sample
-from ..schedule import alpha_sigma
-
-
-def diffuse(x0, timesteps, noise, alphas_cumprod):
-    """x_t = alpha_t x0 + sigma_t eps; returns x_t and (B,) alpha_t, sigma_t."""
-    alpha, sigma = alpha_sigma(alphas_cumprod, timesteps)
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    x_t = alpha.view(shape).to(x0.dtype) * x0 + sigma.view(shape).to(x0.dtype) * noise.to(x0.dtype)
-    return x_t, alpha, sigma
+from ..schedule import diffuse
 
 
 @dataclass
