@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import fake_score_loss, loss_weight, regression_loss
-from ..sampling import dpm_solver_sample
+from .. import sampling
 from ..schedule import diffuse
 
 
@@ -86,17 +86,15 @@ def generator_update_loss(
     return loss, {"eps_gap": gap}
 
 
-@torch.no_grad()
 def teacher_ode_targets(networks, scheduler, noise, conditioning: Conditioning, guidance_scale, num_inference_steps):
     """x0 of the guided teacher's ODE (DPM-Solver++, `scheduler`) started at x_T = noise: the generator's own z, so
-    the pair (z, target) tells the generator which mode z belongs to (regression term, see losses.regression_loss)."""
-
-    def eps_fn(x_t, t):
-        return networks.teacher_eps(
-            x_t, t, conditioning.cond, conditioning.uncond, guidance_scale, conditioning.added_cond_kwargs
+    the pair (z, target) tells the generator which mode z belongs to (regression term, see losses.regression_loss).
+    The teacher runs as in the generator step: in its weight dtype, LoRA adapters of the fake score switched off."""
+    with networks.teacher_mode():
+        return sampling.teacher_ode_sample(
+            networks.teacher, scheduler, noise, *conditioning.cond, *conditioning.uncond, guidance_scale,
+            num_inference_steps, conditioning.added_cond_kwargs,
         )
-
-    return dpm_solver_sample(eps_fn, scheduler, noise, num_inference_steps)
 
 
 def regression_term(x0, targets, index, expected_count: float, distance: str = "l2", huber_c=None):
