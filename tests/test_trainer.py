@@ -112,10 +112,13 @@ def test_checkpoints_pruning_validation_and_only_safe_files(one_process_run):
     accelerate_state = {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin"}
     for path in one_process_run.rglob("*"):
         if path.is_file():
-            allowed = path.suffix in {".safetensors", ".json", ".png", ".md", ".txt", ".model"}
+            allowed = path.suffix in {".safetensors", ".json", ".jsonl", ".png", ".md", ".txt", ".model"}
             allowed |= "checkpoint-" in str(path.parent) and (path.name in accelerate_state or path.name.startswith("random_states_"))
             assert allowed, path
     assert not list(one_process_run.glob(".tmp-*"))
+    steps = [json.loads(line) for line in (one_process_run / "logs" / "steps.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    assert all({"loss/generator", "loss/fake_score", "loss/regression", "lr/generator"} <= row.keys() for row in steps)
 
 
 def test_model_card_metadata_and_loading_code(one_process_run):

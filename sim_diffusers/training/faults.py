@@ -15,10 +15,14 @@ import signal
 
 import torch
 
+from .iteration import IterationHooks
+
 ENVIRONMENT_VARIABLE = "SIM_DIFFUSERS_TEST_FAULTS"
 
 
-class FaultPlan:
+class FaultPlan(IterationHooks):
+    """The faults of one run; installed as the iteration's hooks, so the loop itself carries no test code."""
+
     def __init__(self, spec: str = ""):
         self.nan: dict[str, set[int]] = {}
         self.kill: dict[str, set[int]] = {}
@@ -38,6 +42,13 @@ class FaultPlan:
     def maybe_kill(self, where: str, step: int) -> None:
         if step in self.kill.get(where, ()):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    # IterationHooks
+    def generator_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return self.maybe_corrupt("generator_loss", step, loss)
+
+    def before_generator_update(self, step: int) -> None:
+        self.maybe_kill("step", step)
 
 
 def from_environment() -> FaultPlan:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpointing import COMPLETE_MARKER
+from .iteration import MicroBatch
+from .step import Conditioning
 from .text_embeddings import OnlineTextEncoder, TextEmbeddingCache, build_text_embedding_cache
 
 logger = logging.getLogger(__name__)
@@ -28,16 +30,15 @@ class TrainingState:
     step: int = 0
     skipped: dict = field(default_factory=lambda: {"generator": 0, "fake_score": 0})
     consecutive_bad: int = 0
-    _step_bad: bool = False
 
-    def record(self, name: str, finite: bool) -> None:
-        if not finite:
-            self.skipped[name] += 1
-            self._step_bad = True
-
-    def advance(self) -> None:
-        self.consecutive_bad = self.consecutive_bad + 1 if self._step_bad else 0
-        self._step_bad = False
+    def advance(self, result) -> None:
+        """Count the skipped updates of a finished iteration (`iteration.IterationResult`) and move to the next step."""
+        bad = False
+        for name, finite in (("fake_score", result.fake_score_finite), ("generator", result.generator_finite)):
+            if not finite:
+                self.skipped[name] += 1
+                bad = True
+        self.consecutive_bad = self.consecutive_bad + 1 if bad else 0
         self.step += 1
 
     def save(self, directory: Path) -> None:
@@ -49,15 +50,107 @@ class TrainingState:
         self.step, self.skipped, self.consecutive_bad = data["step"], data["skipped"], data["consecutive_bad"]
 
 
-def build_optimizer(args, parameters, learning_rate):
-    kwargs = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW and learning-rate schedules of both networks, with the trainer's defaults (its options of these names).
+
+    The fake score learns 10x faster than the generator: F must track the generator's distribution. beta1 = 0 for
+    both, as SiD: momentum on SIM's moving target hurts (the regression warm-up has its own beta1, see
+    `iteration.IterationConfig`).
+    """
+
+    learning_rate: float = 5e-6
+    fake_score_learning_rate: float = 5e-5
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+
+    @classmethod
+    def from_namespace(cls, namespace) -> "OptimizerConfig":
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+
+
+def build_optimizer(config: OptimizerConfig, parameters, learning_rate: float):
+    kwargs = dict(lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     parameters = [p for p in parameters if p.requires_grad]
-    if args.use_8bit_adam:
+    if config.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **kwargs)
     # The fused kernel: one launch for all parameters instead of several per tensor (measured 3x faster step).
     return torch.optim.AdamW(parameters, fused=True, **kwargs)
+
+
+def build_optimisation(config: OptimizerConfig, generator, networks, max_train_steps: int, num_processes: int = 1):
+    """(generator optimiser, fake-score optimiser, their learning-rate schedules), not yet prepared."""
+    from diffusers.optimization import get_scheduler
+
+    opt_g = build_optimizer(config, generator.parameters(), config.learning_rate)
+    opt_f = build_optimizer(config, networks.fake_score_parameters(), config.fake_score_learning_rate)
+    # Accelerate steps a prepared scheduler once per process per optimiser step.
+    schedule = dict(num_warmup_steps=config.lr_warmup_steps * num_processes, num_training_steps=max_train_steps * num_processes)
+    sched_g = get_scheduler(config.lr_scheduler, optimizer=opt_g, **schedule)
+    sched_f = get_scheduler(config.lr_scheduler, optimizer=opt_f, **schedule)
+    return opt_g, opt_f, sched_g, sched_f
+
+
+class StepBatches:
+    """`batches(step)`: this process's micro-batches of a step, as `iteration.MicroBatch`es: captions and randomness
+    from the caption stream (per global sample, so independent of the world size), text conditioning from T5 or the
+    embedding cache, the empty prompt's embedding as the negative, and the teacher's micro-conditions."""
+
+    def __init__(self, stream, text, generator, resolution: int, latent_shape, batch_size: int, accumulation: int,
+                 rank: int, world_size: int, device, dtype):
+        self.stream, self.text, self.generator = stream, text, generator
+        self.negative = text.negative()
+        self.resolution, self.latent_shape = resolution, latent_shape
+        self.batch_size, self.accumulation = batch_size, accumulation
+        self.rank, self.world_size = rank, world_size
+        self.device, self.dtype = device, dtype
+
+    def conditioning(self, captions) -> Conditioning:
+        from ..generator import micro_conditions
+
+        n = len(captions)
+        embeds, mask = self.text(captions)
+        negative_embeds, negative_mask = self.negative
+        return Conditioning(
+            embeds.to(self.device), mask.to(self.device),
+            negative_embeds.expand(n, -1, -1).to(self.device), negative_mask.expand(n, -1).to(self.device),
+            micro_conditions(self.generator, n, self.resolution, self.resolution, self.device, self.dtype),
+        )
+
+    def __call__(self, step: int) -> list[MicroBatch]:
+        batches = []
+        for m in range(self.accumulation):
+            where = (step, m, self.batch_size, self.rank, self.world_size)
+            captions, randomness = self.stream.batch(*where, self.latent_shape)
+            batches.append(MicroBatch(self.conditioning(captions), randomness.to(self.device), self.stream.local_positions(*where)))
+        return batches
+
+
+class StepLog:
+    """Every step's scalars as one JSON line in OUTPUT_DIR/logs/steps.jsonl, whatever tracker is used (main process).
+
+    On a resume the lines beyond the resumed step are dropped first, so the file follows the run that continues."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, logs: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
