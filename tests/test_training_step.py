@@ -88,6 +88,19 @@ def test_lora_teacher_mode_is_the_untouched_teacher(parts):
     assert (eps_fake - eps_base).abs().max() > 1e-4  # F is the teacher plus its adapters
 
 
+def test_lora_fake_score_starts_from_the_seed_alone(parts):
+    """The adapters' initial weights depend on the run's seed, not on whatever state torch's global generator is in."""
+    teacher = parts[0]
+
+    def adapters(seed, global_seed):
+        torch.manual_seed(global_seed)
+        networks = ScoreNetworks.build(copy.deepcopy(teacher), lora_rank=4, seed=seed)
+        return torch.cat([p.detach().flatten() for p in networks.fake_score_parameters()])
+
+    assert torch.equal(adapters(0, global_seed=1), adapters(0, global_seed=2))
+    assert not torch.equal(adapters(0, global_seed=1), adapters(1, global_seed=1))
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_activation_checkpointing_gives_the_same_gradients(parts, lora_rank):
     teacher, generator, cond, alphas_cumprod = parts

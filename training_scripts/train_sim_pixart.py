@@ -360,7 +360,9 @@ def build_networks(args, device, weight_dtype):
     )
     one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=args.conditioning_timestep)
     generator = cast_trainable_to_fp32(one_step.transformer.requires_grad_(True)).train()
-    networks = ScoreNetworks.build(teacher_pipe.transformer, args.fake_score_lora_rank, args.fake_score_lora_alpha)
+    networks = ScoreNetworks.build(
+        teacher_pipe.transformer, args.fake_score_lora_rank, args.fake_score_lora_alpha, seed=args.seed
+    )
     teacher_pipe.vae.requires_grad_(False).eval()
     for module in (generator, networks.teacher, networks.fake_score, teacher_pipe.vae):
         module.to(device)

@@ -39,7 +39,10 @@ class ScoreNetworks:
         self._adapters_on, self._fake_trainable = True, True
 
     @classmethod
-    def build(cls, teacher, lora_rank: int = 0, lora_alpha: float | None = None, trainable_dtype=torch.float32):
+    def build(cls, teacher, lora_rank: int = 0, lora_alpha: float | None = None, trainable_dtype=torch.float32,
+              seed: int = 0):
+        """`seed` draws the LoRA adapters' initial weights (peft draws them from torch's global generator, which
+        nothing else seeds: without it two runs with the same --seed would start from different fake scores)."""
         teacher.requires_grad_(False).eval()
         if lora_rank <= 0:
             fake_score = copy.deepcopy(teacher).to(trainable_dtype).requires_grad_(True)
@@ -53,7 +56,9 @@ class ScoreNetworks:
             init_lora_weights="gaussian",
             target_modules=LORA_TARGET_MODULES,
         )
-        inject_adapter_in_model(config, teacher, adapter_name="fake_score")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, teacher, adapter_name="fake_score")
         for name, param in teacher.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(trainable_dtype)
