@@ -31,7 +31,10 @@ One SIM iteration with batch B (guidance > 1 doubles the teacher's batch, diverg
     generator forward F + generator backward 2F                     (x0 shared by both updates, computed once)
     fake-score update 3F                                            (2F with LoRA: the frozen base gets no weight grad)
     guided teacher 2 x 2F + frozen fake score 2F                    (both backpropagated to x_t)
-    = 12F per sample (11F with a LoRA fake score; 9F for dmd, whose teacher and fake run under no_grad).
+    = 12F per sample (11F with a LoRA fake score; 9F for dmd, whose teacher and fake run under no_grad),
+plus the teacher-ODE regression targets: 8 guided teacher forwards (16F) for each sample that gets one, one in four
+after the warm-up (4F per sample on average: 16F in all). The regression warm-up's iteration has no divergence:
+generator 3F + fake-score update 3F + a target for every sample 16F = 22F per sample.
 Gradient checkpointing recomputes forwards (+1F per backpropagated network); like MFU we do not count recomputation.
 Attention backward with a fused kernel costs more than 2x its forward (it recomputes scores), so 2F for a frozen
 network is a lower bound; the landscape's 2.1-2.3x includes that.
@@ -246,20 +249,29 @@ def transformer_forward_flops(config: dict, batch_size: int = 1, text_tokens: in
 
 
 def sim_iteration_flops(config: dict, batch_size: int, guidance_scale: float = 4.5, needs_input_grad: bool = True,
-                        lora_rank: int = 0) -> dict:
-    """FLOPs of one SIM training iteration by pass (model FLOPs, no recomputation); see the module docstring."""
+                        lora_rank: int = 0, regression_samples: float = 0.0, regression_steps: int = 8,
+                        warmup: bool = False) -> dict:
+    """FLOPs of one SIM training iteration by pass (model FLOPs, no recomputation); see the module docstring.
+
+    regression_samples: samples of the batch that get a teacher-ODE target (each `regression_steps` guided teacher
+    forwards, no backward). warmup: the regression warm-up's iteration, whose generator loss has no divergence (no
+    teacher or fake score backpropagated to x_t).
+    """
     fwd = transformer_forward_flops(config, batch_size)
     fake_fwd = transformer_forward_flops(config, batch_size, lora_rank=lora_rank)
     lora_extra = fake_fwd - fwd  # the adapters' own matmuls; they are trainable, so 3x
-    teacher_fwd = fwd * (2 if guidance_scale != 1.0 else 1)
+    guided = 2 if guidance_scale != 1.0 else 1
+    teacher_fwd = fwd * guided
     passes = {
         "generator_forward": fwd,
         "generator_backward": 2 * fwd,
         # trainable: input grads + weight grads. LoRA: the base only needs input grads, the adapters both.
         "fake_score_update": 3 * fwd if lora_rank <= 0 else 2 * fwd + 3 * lora_extra,
-        "teacher_in_generator_loss": (2 if needs_input_grad else 1) * teacher_fwd,
-        "fake_score_in_generator_loss": (2 if needs_input_grad else 1) * fake_fwd,
     }
+    if not warmup:
+        passes["teacher_in_generator_loss"] = (2 if needs_input_grad else 1) * teacher_fwd
+        passes["fake_score_in_generator_loss"] = (2 if needs_input_grad else 1) * fake_fwd
+    passes["regression_targets"] = round(regression_samples * regression_steps * guided * fwd / batch_size)
     passes["total"] = sum(passes.values())
     passes["forward_flops_per_sample"] = fwd // batch_size
     return passes

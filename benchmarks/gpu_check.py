@@ -2,11 +2,11 @@
 """The GPU check: both benchmarks at 512 and 1024 px in bf16 on one GPU, in one command, inside a fixed time budget.
 
 Prepare here (once, no network: copies the pure-Python packages the device image lacks out of .venv):
-    .venv/bin/python benchmarks/gpu_check.py --prepare
+    .venv/bin/python -m benchmarks.gpu_check --prepare
 Run on the lent machine (the device tool's `run`; see docs/performance.md for the exact call):
     python3 benchmarks/gpu_check.py --out $OUT
 Smoke test of the same orchestration on CPU with the tiny config (what tests/test_benchmarks.py runs):
-    .venv/bin/python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke
+    .venv/bin/python -m benchmarks.gpu_check --smoke --out /tmp/gpu_check_smoke
 
 Writes into --out: gpu_results.json (every job's full JSON, keyed by job), gpu_results.md (the summary tables) and
 gpu_check.log (all output). Jobs run one per process (fresh CUDA memory statistics), most important first; each
@@ -42,9 +42,9 @@ GPU_JOBS = [
     ("inference_xl-512", "inference.py", ["--config", "xl-512", "--precision", "bf16", "--batch_sizes", "1", "8", "--runs", "3"], 80),
     ("inference_xl-1024", "inference.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_sizes", "1", "8", "--runs", "2"], 110),
     ("inference_xl-1024_cached_taesd", "inference.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_sizes", "1", "8", "--teacher_steps", "20", "--runs", "2", "--cached_prompt_embeddings", "--tiny_vae"], 70),
-    ("train_xl-1024_checkpointing_b4", "train_step.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_size", "4", "--gradient_checkpointing", "--steps", "2", "--warmup", "1", "--iteration_only"], 70),
-    ("train_xl-512_lora64", "train_step.py", ["--config", "xl-512", "--precision", "bf16", "--batch_size", "4", "--lora_rank", "64", "--steps", "3", "--warmup", "1", "--iteration_only"], 60),
-    ("train_xl-512_compile", "train_step.py", ["--config", "xl-512", "--precision", "bf16", "--batch_size", "4", "--compile", "--steps", "3", "--warmup", "1", "--iteration_only"], 240),
+    ("train_xl-1024_checkpointing_b4", "train_step.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_size", "4", "--gradient_checkpointing", "--steps", "2", "--warmup", "1", "--iteration_only", "--phases", "sim"], 70),
+    ("train_xl-512_lora64", "train_step.py", ["--config", "xl-512", "--precision", "bf16", "--batch_size", "4", "--lora_rank", "64", "--steps", "3", "--warmup", "1", "--iteration_only", "--phases", "sim"], 60),
+    ("train_xl-512_compile", "train_step.py", ["--config", "xl-512", "--precision", "bf16", "--batch_size", "4", "--compile", "--steps", "3", "--warmup", "1", "--iteration_only", "--phases", "sim"], 240),
 ]
 SMOKE_JOBS = [
     ("train_tiny", "train_step.py", ["--config", "tiny", "--steps", "1", "--warmup", "0", "--ablations"], 120),
@@ -120,7 +120,8 @@ def run_jobs(jobs, out: Path, budget_s: float, log) -> dict:
             continue
         timeout = max(min(cap, left), MIN_JOB_S)
         json_path = out / f".{name}.json"
-        command = [sys.executable, str(REPO_ROOT / "benchmarks" / script), *job_args, "--json", str(json_path)]
+        # Run as modules of the `benchmarks` package from the repository root (no sys.path edits anywhere).
+        command = [sys.executable, "-m", f"benchmarks.{Path(script).stem}", *job_args, "--json", str(json_path)]
         log(f"== {name}: {' '.join(command[1:])} (timeout {timeout:.0f} s)")
         t0 = time.monotonic()
         try:
@@ -144,33 +145,39 @@ def _mib(n):
 
 
 def markdown(results: dict, header: str) -> str:
-    lines = [header, "", "### Training iteration", "",
-             "| job | device | ms/iter | samples/s | TFLOP/s | MFU | overhead | peak memory |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "", "### Training iteration (phase sim: after the regression warm-up; warmup: during it)", "",
+             "| job | phase | device | ms/iter | samples/s | TFLOP/s | MFU | overhead | peak memory |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, entry in results.items():
         r = entry.get("result")
         if not name.startswith("train"):
             continue
         if r is None:
-            lines.append(f"| {name} | {entry['status']} | | | | | | |")
+            lines.append(f"| {name} | | {entry['status']} | | | | | | |")
             continue
         mem = r["memory"].get("peak_allocated_bytes", r["memory"].get("peak_rss_bytes", 0))
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-        over = r["overhead_ratio"]
-        over = f"{over:.3f}" if over == over else "-"  # NaN for --iteration_only jobs
-        lines.append(f"| {name} | {r['device']} | {r['ms_per_iteration']:.1f} | {r['samples_per_s']:.2f} | "
-                     f"{r['achieved_tflops']:.3g} | {mfu} | {over} | {_mib(mem)} |")
+        for phase, p in r["phases"].items():
+            mfu = f"{100 * p['mfu']:.1f}%" if p.get("mfu") else "n/a"
+            over = p["overhead_ratio"]
+            over = f"{over:.3f}" if over == over else "-"  # NaN for --iteration_only jobs
+            lines.append(f"| {name} | {phase} | {r['device']} | {p['ms_per_iteration']:.1f} | {p['samples_per_s']:.2f} | "
+                         f"{p['achieved_tflops']:.3g} | {mfu} | {over} | {_mib(mem)} |")
     for name, entry in results.items():
         r = entry.get("result")
-        if name.startswith("train") and r and r["passes_ms"]:
-            lines += ["", f"#### {name}: passes alone (ms) and in-loop segments (ms)", "",
+        if not (name.startswith("train") and r):
+            continue
+        for phase, p in r["phases"].items():
+            if not p["passes_ms"]:
+                continue
+            lines += ["", f"#### {name}, phase {phase}: passes alone (ms) and in-loop segments (ms)", "",
                       "| pass | ms | | segment | ms |", "|---|---:|---|---|---:|"]
-            passes, segments = list(r["passes_ms"].items()), list(r["segments_ms"].items())
+            passes, segments = list(p["passes_ms"].items()), list(p["segments_ms"].items())
             for i in range(max(len(passes), len(segments))):
-                p = passes[i] if i < len(passes) else ("", None)
-                s = segments[i] if i < len(segments) else ("", None)
-                lines.append(f"| {p[0]} | {'' if p[1] is None else f'{p[1]:.1f}'} | | {s[0]} | {'' if s[1] is None else f'{s[1]:.1f}'} |")
-            for k, v in r["ablations_ms"].items():
-                lines.append(f"| {k} | {v:.1f} | | | |")
+                a = passes[i] if i < len(passes) else ("", None)
+                b = segments[i] if i < len(segments) else ("", None)
+                lines.append(f"| {a[0]} | {'' if a[1] is None else f'{a[1]:.1f}'} | | {b[0]} | {'' if b[1] is None else f'{b[1]:.1f}'} |")
+        for k, v in r["ablations_ms"].items():
+            lines.append(f"| ablation: {k} | {v:.1f} | | | |")
     lines += ["", "### Inference", "",
               "| job | pipeline | steps | batch | latency ms | img/s | T5 ms | transformer ms | VAE ms | other ms |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

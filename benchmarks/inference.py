@@ -31,13 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import configs  # noqa: E402
+from benchmarks import configs
 
 PROMPT = "a photo of a small red cat sitting on a bench in the garden at sunset"
 GUIDANCE_SCALE = 4.5  # PixArtAlphaPipeline's default

@@ -1,4 +1,10 @@
+"""Fixtures and helpers shared by the test modules: the tiny PixArt teachers, and running the trainer."""
+
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +14,67 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER_SCRIPT = REPO / "training_scripts" / "train_sim_pixart.py"
+# One thread: runs that should agree agree to float precision whatever the machine's core count; a closed port as
+# the Hub's address, should offline mode ever be ignored.
+TRAINER_ENV = {
+    **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+}
+TRAINER_TIMEOUT_S = 600
+
+
+def run_trainer(teacher, captions, output_dir, *args, processes=None, faults="", check=True, env=None):
+    """train_sim_pixart.py on `teacher` and `captions` into `output_dir`: as a plain script (processes=None) or under
+    `accelerate launch` with that many processes (gloo on CPU). `faults`: SIM_DIFFUSERS_TEST_FAULTS. With check, a
+    non-zero exit fails the test with the trainer's stderr. The result carries `.listing`, output_dir's names."""
+    argv = ["--pretrained_model_name_or_path", str(teacher), "--caption_file", str(captions), "--output_dir", str(output_dir), *args]
+    if processes is None:
+        cmd = [sys.executable, str(TRAINER_SCRIPT), *argv]
+    else:
+        launch = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if processes > 1:
+            launch.insert(0, "--multi_gpu")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(TRAINER_SCRIPT), *argv]
+    run_env = {**TRAINER_ENV, "SIM_DIFFUSERS_TEST_FAULTS": faults, **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=TRAINER_TIMEOUT_S)
+    if check:
+        assert result.returncode == 0, describe(result)
+    result.listing = sorted(p.name for p in Path(output_dir).iterdir()) if Path(output_dir).is_dir() else []
+    return result
+
+
+def describe(result) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+def load_trainer_module(name="train_sim_pixart_under_test"):
+    """The training script as a module, for in-process runs (`parse_args`, `main`)."""
+    spec = importlib.util.spec_from_file_location(name, TRAINER_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def component_weights(folder, component="transformer"):
+    """The safetensors state dict of a diffusers component folder (a pipeline's transformer, a checkpoint's
+    generator, ...)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / component / "diffusion_pytorch_model.safetensors"))
+
+
+def max_difference(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def write_captions(path, captions) -> Path:
+    path = Path(path)
+    path.write_text("".join(c + "\n" for c in captions), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

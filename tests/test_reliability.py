@@ -1,4 +1,4 @@
-"""Reliability of the trainer (issue #7): crash-safe resume, the non-finite guard, early input checks, secrets, formats.
+"""Reliability of the trainer: crash-safe resume, the non-finite guard, early input checks, secrets, formats.
 
 Trainer subprocesses on the tiny fixture cost ~15 s each (mostly imports), so there are six, in module-scoped
 fixtures whose outputs several tests read: an uninterrupted run, the same run killed three times and resumed, and a
@@ -20,48 +20,31 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import conftest
 import pytest
 import torch
+from conftest import TRAINER_SCRIPT, describe, load_trainer_module, write_captions
 from safetensors.torch import load_file
 
 from sim_diffusers.training import checkpointing, hub
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "training_scripts" / "train_sim_pixart.py"
 TOKEN = "hf_TESTtoken123secret"
-CAPTIONS = "a red cat\na blue dog\na green bird\na small house\na big tree\n"
+CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a small house", "a big tree"]
 # Same arguments for the uninterrupted run and every piece of the interrupted one. The upload fails (offline) so that
 # the token is really in play; tensorboard event files are among the files searched for it.
 RUN_ARGS = [
     "--max_train_steps", "6", "--train_batch_size", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
     "--report_to", "tensorboard", "--push_to_hub", "--hub_model_id", "me/sim-tiny", "--hub_token", TOKEN,
 ]
-TRAINER_TIMEOUT_S = 300
 
 
 def run_trainer(teacher, captions, output_dir, args, faults=""):
-    env = {
-        **os.environ,
-        "SIM_DIFFUSERS_TEST_FAULTS": faults,
-        "HF_HUB_OFFLINE": "1",
-        "HF_ENDPOINT": "http://127.0.0.1:9",  # a closed port, should offline mode ever be ignored
-    }
-    command = [sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(teacher), "--caption_file", str(captions),
-               "--output_dir", str(output_dir), *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TRAINER_TIMEOUT_S)
-    result.listing = sorted(p.name for p in Path(output_dir).iterdir()) if Path(output_dir).is_dir() else []
-    return result
-
-
-def describe(result) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+    return conftest.run_trainer(teacher, captions, output_dir, *args, faults=faults, check=False)
 
 
 @pytest.fixture(scope="module")
 def captions_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("captions") / "captions.txt"
-    path.write_text(CAPTIONS, encoding="utf-8")
-    return path
+    return write_captions(tmp_path_factory.mktemp("captions") / "captions.txt", CAPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -209,17 +192,14 @@ def test_weights_and_optimizer_states_stay_finite_through_nan_steps(nonfinite):
 
 @pytest.fixture(scope="module")
 def trainer():
-    spec = importlib.util.spec_from_file_location("train_sim_pixart_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_trainer_module()
 
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, tiny_teacher_path):
     """Files for the table below, by name."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    (root / "caps.txt").write_text(CAPTIONS, encoding="utf-8")
+    write_captions(root / "caps.txt", CAPTIONS)
     (root / "empty.txt").write_bytes(b"")
     (root / "folder.txt").mkdir()
     (root / "broken.txt").symlink_to(root / "gone.txt")
@@ -343,7 +323,7 @@ def test_resume_latest_without_a_checkpoint_starts_fresh_and_says_so(trainer, ba
 
 def test_bad_input_from_the_command_line(bad_inputs, tmp_path):
     """The real CLI: one line and exit 2 for an error; the UTF-8 skip count and the fresh start are printed."""
-    base = [sys.executable, str(SCRIPT)]
+    base = [sys.executable, str(TRAINER_SCRIPT)]
     bad = subprocess.run(base + trainer_argv(bad_inputs, {"--train_batch_size": "0"}, tmp_path / "a"), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr == "error: --train_batch_size must be >= 1, got 0.\n", bad.stderr
     overrides = {"--caption_file": "{root}/mixed.txt", "--resume_from_checkpoint": "latest", "--dry_run": None}
@@ -549,7 +529,7 @@ def test_hub_cli_uploads_without_checkpoints(pipeline_dir):
 
 def test_hub_cli_without_a_pipeline_exits_2_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sim_diffusers.training.hub", str(tmp_path), "--hub_model_id", "me/x"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+                            capture_output=True, text=True, timeout=120, cwd=conftest.REPO)
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path} holds no complete pipeline (no model_index.json).\n"
 

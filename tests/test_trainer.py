@@ -1,58 +1,38 @@
 """train_sim_pixart.py end to end on the tiny fixture: Accelerate 1 and 2 processes, gradient sync, checkpoints and
 resume, the embedding cache, LoRA fake score, EMA, bf16, model card, Hub upload, and what gets written."""
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
+import conftest
 import pytest
 import torch
+from conftest import TRAINER_ENV, TRAINER_SCRIPT, component_weights, load_trainer_module, max_difference, write_captions
 from safetensors.torch import load_file
 
 from sim_diffusers import SIMOneStepPipeline
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "training_scripts" / "train_sim_pixart.py"
 CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a house by the lake", "a small boat on the river", "a bright sun"]
 # Adam with a large epsilon is close to SGD: float noise in tiny gradients is not blown up to +-lr by the
 # normalisation, so runs that should agree agree to float precision, and runs that should not differ clearly.
 # --regression_warmup_steps 0: these short runs test the SIM iteration itself (the warm-up has its own test).
 COMMON = ["--max_train_steps", "3", "--report_to", "none", "--regression_warmup_steps", "0", "--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2", "--adam_epsilon", "1.0", "--seed", "3"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def run_trainer(teacher, captions, output_dir, *extra, processes=None):
-    args = ["--pretrained_model_name_or_path", str(teacher), "--caption_file", str(captions), "--output_dir", str(output_dir), *COMMON, *extra]
-    if processes is None:
-        cmd = [sys.executable, str(SCRIPT), *args]
-    else:
-        launch = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if processes > 1:
-            launch.insert(0, "--multi_gpu")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(SCRIPT), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return conftest.run_trainer(teacher, captions, output_dir, *COMMON, *extra, processes=processes)
 
 
 def transformer_weights(folder):
-    return load_file(str(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"))
-
-
-def max_difference(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    return component_weights(folder)
 
 
 @pytest.fixture(scope="module")
 def captions_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("captions") / "captions.txt"
-    path.write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
-    return path
+    return write_captions(tmp_path_factory.mktemp("captions") / "captions.txt", CAPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +115,7 @@ def test_resume_latest_with_more_steps_ends_where_an_uninterrupted_run_ends(one_
     first = list(COMMON)
     first[first.index("--max_train_steps") + 1] = "2"  # the same run, stopped after 2 steps
     args = ["--pretrained_model_name_or_path", str(tiny_teacher_path), "--caption_file", str(captions_file), "--output_dir", str(out), "--train_batch_size", "4", "--checkpointing_steps", "1"]
-    subprocess.run([sys.executable, str(SCRIPT), *args, *first], check=True, capture_output=True, env=ENV, timeout=600)
+    subprocess.run([sys.executable, str(TRAINER_SCRIPT), *args, *first], check=True, capture_output=True, env=TRAINER_ENV, timeout=600)
     resumed = run_trainer(tiny_teacher_path, captions_file, out, "--train_batch_size", "4", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")
     assert "Resuming from" in resumed.stdout + resumed.stderr
     assert max_difference(transformer_weights(out), transformer_weights(one_process_run)) < 1e-6
@@ -150,19 +130,12 @@ def test_text_embedding_cache_trains_like_online_encoding(one_process_run, tiny_
     assert SIMOneStepPipeline.from_pretrained(tmp_path / "cached").text_encoder is not None
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_sim_pixart", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bf16_lora_fake_score_ema_and_push_to_hub(tiny_teacher_path, captions_file, tmp_path, monkeypatch):
     """In process (mocks reach the Hub boundary): bf16 on CPU with gradient checkpointing, a LoRA fake score that
     trains, EMA weights saved, and --push_to_hub uploading exactly output_dir without checkpoints."""
     from accelerate.state import AcceleratorState
 
-    script = load_script()
+    script = load_trainer_module()
     out = tmp_path / "lora"
     monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
     args = script.parse_args([

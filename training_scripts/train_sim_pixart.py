@@ -350,7 +350,7 @@ def build_networks(args, device, weight_dtype):
     from diffusers import PixArtAlphaPipeline
 
     from sim_diffusers import SIMOneStepPipeline
-    from sim_diffusers.training.models import ScoreNetworks, cast_trainable_to_fp32
+    from sim_diffusers.training.models import ScoreNetworks, cast_trainable_to_fp32, place_networks
     from sim_diffusers.training.run import needs_text_encoder
 
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
@@ -363,15 +363,10 @@ def build_networks(args, device, weight_dtype):
     networks = ScoreNetworks.build(
         teacher_pipe.transformer, args.fake_score_lora_rank, args.fake_score_lora_alpha, seed=args.seed
     )
-    teacher_pipe.vae.requires_grad_(False).eval()
-    for module in (generator, networks.teacher, networks.fake_score, teacher_pipe.vae):
-        module.to(device)
-    if args.gradient_checkpointing:
-        generator.enable_gradient_checkpointing()
-        networks.enable_gradient_checkpointing()  # the generator step backpropagates through teacher and F
-    if args.enable_xformers_memory_efficient_attention:
-        for module in {id(m): m for m in (generator, networks.teacher, networks.fake_score)}.values():
-            module.enable_xformers_memory_efficient_attention()
+    teacher_pipe.vae.requires_grad_(False).eval().to(device)
+    place_networks(
+        generator, networks, device, args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention
+    )
     return teacher_pipe, one_step, networks
 
 

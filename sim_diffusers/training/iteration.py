@@ -211,7 +211,7 @@ class SIMIteration:
             for m, batch in enumerate(micro_batches):
                 with _sync_on_last(ops, models.generator, last=m == accumulation - 1):
                     x0 = x0_shared if x0_shared is not None else self.generate(models.generator, batch, with_graph=True)
-                    loss_g, gap, regression = self._generator_loss(step, models, batch, x0, warming_up)
+                    loss_g, gap, regression = self.generator_loss(step, models, batch, x0, warming_up)
                     loss_g = self.hooks.generator_loss(step, loss_g)
                     ops.backward(loss_g / accumulation)
                     self.hooks.mark("generator_loss_backward")
@@ -288,7 +288,7 @@ class SIMIteration:
             group["betas"] = (config.regression_warmup_adam_beta1 if warming_up else beta1, beta2)
         return optimizer.param_groups[0]["lr"]
 
-    def _generator_loss(self, step: int, models: TrainingModels, batch: MicroBatch, x0, warming_up: bool):
+    def generator_loss(self, step: int, models: TrainingModels, batch: MicroBatch, x0, warming_up: bool):
         """(loss, eps gap or None, regression loss or None) of one micro-batch: the divergence (not during the
         warm-up) plus the weighted regression term on the samples that get a target."""
         config, rnd, cond = self.config, batch.randomness, batch.conditioning

@@ -141,3 +141,22 @@ def cast_trainable_to_fp32(model):
         if param.requires_grad:
             param.data = param.data.float()
     return model
+
+
+def place_networks(generator, networks: ScoreNetworks, device, gradient_checkpointing: bool = False,
+                   xformers: bool = False) -> None:
+    """The one place that puts built networks on their device and applies activation checkpointing and the attention
+    kernel to them (the trainer and the step benchmark both call it)."""
+    for module in _unique(generator, networks.teacher, networks.fake_score):
+        module.to(device)
+    if gradient_checkpointing:
+        generator.enable_gradient_checkpointing()
+        networks.enable_gradient_checkpointing()  # the generator step backpropagates through teacher and F
+    if xformers:
+        for module in _unique(generator, networks.teacher, networks.fake_score):
+            module.enable_xformers_memory_efficient_attention()
+
+
+def _unique(*modules):
+    """The distinct modules (a LoRA fake score is the teacher module itself)."""
+    return list({id(m): m for m in modules}.values())
