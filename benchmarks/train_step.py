@@ -438,7 +438,7 @@ def saved_activation_bytes(s: Setup) -> int:
     batch = s.batch_at(step)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), s.accelerator.autocast():
         x0 = iteration.generate(models.generator, batch, with_graph=True)
-        loss, _, _ = iteration.generator_loss(step, models, batch, x0, warming_up=False)
+        loss, _ = iteration.generator_loss(step, models, batch, x0, warming_up=False)
     del x0, loss
     return sum(held.values())
 

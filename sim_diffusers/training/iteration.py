@@ -122,6 +122,7 @@ class IterationResult:
 
     fake_score_loss: torch.Tensor
     generator_loss: torch.Tensor
+    divergence_loss: torch.Tensor | None
     regression_loss: torch.Tensor | None
     eps_gap: torch.Tensor | None
     warming_up: bool
@@ -134,6 +135,8 @@ class IterationResult:
 
     def logs(self) -> dict[str, float]:
         logs = {"loss/generator": self.generator_loss.item(), "loss/fake_score": self.fake_score_loss.item()}
+        if self.divergence_loss is not None:
+            logs["loss/divergence"] = self.divergence_loss.item()
         if self.eps_gap is not None:
             logs["eps_gap_teacher_fake"] = self.eps_gap.item()
         if self.regression_loss is not None:
@@ -207,19 +210,17 @@ class SIMIteration:
             self.hooks.mark("fake_score_optimizer_step")
             warming_up = self.warming_up(step)
             lr_g = self._set_generator_phase(models, warming_up)
-            g_losses, gaps, regressions = [], [], []
+            g_losses, parts = [], {"divergence": [], "eps_gap": [], "regression": []}
             for m, batch in enumerate(micro_batches):
                 with _sync_on_last(ops, models.generator, last=m == accumulation - 1):
                     x0 = x0_shared if x0_shared is not None else self.generate(models.generator, batch, with_graph=True)
-                    loss_g, gap, regression = self.generator_loss(step, models, batch, x0, warming_up)
+                    loss_g, terms = self.generator_loss(step, models, batch, x0, warming_up)
                     loss_g = self.hooks.generator_loss(step, loss_g)
                     ops.backward(loss_g / accumulation)
                     self.hooks.mark("generator_loss_backward")
                     g_losses.append(loss_g.detach())
-                    if gap is not None:
-                        gaps.append(gap)
-                    if regression is not None:
-                        regressions.append(regression)
+                    for name, value in terms.items():
+                        parts[name].append(value)
             self.hooks.before_generator_update(step)
             g_norm, g_ok = self._apply_update(
                 ops, g_losses, models.generator_optimizer, models.generator_scheduler, models.generator_parameters
@@ -231,8 +232,9 @@ class SIMIteration:
         return IterationResult(
             fake_score_loss=torch.stack(f_losses).mean(),
             generator_loss=torch.stack(g_losses).mean(),
-            regression_loss=torch.stack(regressions).mean() if regressions else None,
-            eps_gap=torch.stack(gaps).mean() if gaps else None,
+            divergence_loss=_mean_or_none(parts["divergence"]),
+            regression_loss=_mean_or_none(parts["regression"]),
+            eps_gap=_mean_or_none(parts["eps_gap"]),
             warming_up=warming_up,
             generator_learning_rate=lr_g,
             fake_score_learning_rate=models.fake_score_scheduler.get_last_lr()[0],
@@ -289,10 +291,11 @@ class SIMIteration:
         return optimizer.param_groups[0]["lr"]
 
     def generator_loss(self, step: int, models: TrainingModels, batch: MicroBatch, x0, warming_up: bool):
-        """(loss, eps gap or None, regression loss or None) of one micro-batch: the divergence (not during the
-        warm-up) plus the weighted regression term on the samples that get a target."""
+        """(loss, its detached terms by name) of one micro-batch: the divergence (not during the warm-up) plus the
+        weighted regression term on the samples that get a target. Terms: "divergence", "eps_gap" (mean squared
+        eps_teacher - eps_fake), "regression" (unweighted), those that were computed."""
         config, rnd, cond = self.config, batch.randomness, batch.conditioning
-        gap = None
+        terms = {}
         if warming_up:
             loss = x0.sum() * 0.0
         else:
@@ -300,10 +303,10 @@ class SIMIteration:
                 models.networks, x0, rnd.generator_timesteps, rnd.generator_noise, cond, self.alphas_cumprod,
                 self.divergence, config.guidance_scale, config.loss_weighting, self.divergence_options,
             )
-            gap = stats["eps_gap"]
+            terms = {"divergence": loss.detach(), "eps_gap": stats["eps_gap"]}
         self.hooks.mark("generator_loss_forward")
         if config.regression_loss_weight <= 0:
-            return loss, gap, None
+            return loss, terms
         every = 1 if warming_up else config.regression_every
         index = torch.tensor([i for i, p in enumerate(batch.positions) if p % every == 0], dtype=torch.long, device=x0.device)
         targets = None
@@ -316,7 +319,8 @@ class SIMIteration:
         distance = config.regression_warmup_distance if warming_up else config.regression_distance
         regression = regression_term(x0, targets, index, len(batch.positions) / every, distance, config.regression_huber_c)
         loss = loss + (1.0 if warming_up else config.regression_loss_weight) * regression
-        return loss, gap, regression.detach()
+        terms["regression"] = regression.detach()
+        return loss, terms
 
     def _apply_update(self, ops, loss_values, optimizer, scheduler, parameters):
         """Clip, check for NaN/Inf (loss and synchronised gradients) and step; a bad update is skipped.
@@ -333,6 +337,10 @@ class SIMIteration:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
+
+
+def _mean_or_none(values):
+    return torch.stack(values).mean() if values else None
 
 
 def _sync_on_last(ops, module, last: bool):
