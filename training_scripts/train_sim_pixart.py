@@ -50,7 +50,7 @@ def parse_args(input_args=None):
     parser = _OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     g = parser.add_argument_group("teacher")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local folder of a PixArt-alpha pipeline (the teacher).")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local folder of a PixArt-alpha or PixArt-Σ pipeline (the teacher; its family is read from its model_index.json).")
     g.add_argument("--revision", default=None, help="Hub revision of the teacher.")
     g.add_argument("--variant", default=None, help="Weight variant of the teacher's files, e.g. fp16.")
     g.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
@@ -61,7 +61,7 @@ def parse_args(input_args=None):
     g.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
     g.add_argument("--caption_column", default=None, help="Column with the captions (tables and datasets).")
     g.add_argument("--clean_caption", action=argparse.BooleanOptionalAction, default=True, help="Clean captions as PixArt-alpha does (same default as the pipeline, so training and inference agree).")
-    g.add_argument("--max_sequence_length", type=int, default=120, help="T5 tokens per caption (PixArt-alpha: 120).")
+    g.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens per caption; default: the teacher family's (PixArt-alpha 120, PixArt-Σ 300).")
     g.add_argument("--text_embedding_cache", default=None, metavar="DIR", help="Encode every caption once with T5 into safetensors shards in DIR, then train without T5 in memory. Reused when it matches.")
     g.add_argument("--dataloader_num_workers", type=int, default=0, help="Accepted for compatibility with diffusers scripts; captions stream from memory, so no worker processes are used.")
 
@@ -168,7 +168,6 @@ def train(args, caption_set, teacher_facts, resume_path):
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from diffusers import PixArtAlphaPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -176,6 +175,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     from sim_diffusers import SIMOneStepPipeline, sampling
     from sim_diffusers.generator import micro_conditions, one_step_generate
     from sim_diffusers.losses import get_divergence, is_finite
+    from sim_diffusers.teachers import load_teacher_pipeline
     from sim_diffusers.training import checkpointing, faults
     from sim_diffusers.training.captions import CaptionStream
     from sim_diffusers.training.hub import public_arguments
@@ -214,11 +214,11 @@ def train(args, caption_set, teacher_facts, resume_path):
 
     # 1. Teacher T (frozen, weight dtype), generator G and fake score F (fp32 master weights)
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-    teacher_pipe = PixArtAlphaPipeline.from_pretrained(
+    teacher_pipe = load_teacher_pipeline(
         args.pretrained_model_name_or_path, dtype=weight_dtype, **load_kwargs,
         **({} if needs_text_encoder(args) else {"text_encoder": None}),
     )
-    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=args.conditioning_timestep)
+    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=args.conditioning_timestep, max_sequence_length=args.max_sequence_length)
     t_star = one_step.conditioning_timestep
     alphas_cumprod = one_step.scheduler.alphas_cumprod.to(device)
     generator = cast_trainable_to_fp32(one_step.transformer.requires_grad_(True)).train()
@@ -420,13 +420,13 @@ def train(args, caption_set, teacher_facts, resume_path):
             ema.copy_to(final.parameters())
         pipe = SIMOneStepPipeline(
             tokenizer=teacher_pipe.tokenizer, text_encoder=None, vae=vae, transformer=final.float(),
-            scheduler=one_step.scheduler, conditioning_timestep=t_star,
+            scheduler=one_step.scheduler, conditioning_timestep=t_star, max_sequence_length=args.max_sequence_length,
         )
         vae_dtype = vae.dtype
         vae.float()  # saved at full precision, as the teacher ships it
         save_final_pipeline(args, pipe, output_dir, checkpointing, copy_teacher_text_encoder, fault_plan)
         vae.to(vae_dtype)
-        write_model_card(args, output_dir, t_star, state.step)
+        write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"])
         if args.push_to_hub:
             push(args, output_dir)
     accelerator.end_training()
@@ -478,7 +478,7 @@ def save_final_pipeline(args, pipe, output_dir, checkpointing, copy_teacher_text
     checkpointing.save_pipeline_atomically(pipe, output_dir, finalize=add_teacher_text_encoder)
 
 
-def write_model_card(args, output_dir, t_star, steps):
+def write_model_card(args, output_dir, t_star, steps, teacher_family):
     from sim_diffusers.training.hub import render_model_card
 
     grid = output_dir / "validation" / "latest.png"
@@ -489,6 +489,7 @@ def write_model_card(args, output_dir, t_star, steps):
         base_model=None if Path(args.pretrained_model_name_or_path).exists() else args.pretrained_model_name_or_path,
         repo_id=args.hub_model_id,
         conditioning_timestep=t_star,
+        teacher_family=teacher_family,
         settings={**vars(args), "trained_steps": steps},
         validation_image="validation/latest.png" if grid.exists() else None,
         validation_prompts=args.validation_prompts,
