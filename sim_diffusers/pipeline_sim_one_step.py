@@ -60,7 +60,12 @@ EXAMPLE_DOC_STRING = """
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # PixArt's resolution bins, keyed by the transformer's sample_size (the latent side of its training resolution). The
 # alpha and Σ pipelines pick the same bin for the sizes both have; only PixArt-Σ has a 2K (sample_size 256) model.
-ASPECT_RATIO_BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_256_BIN}
+ASPECT_RATIO_BINS = {
+    256: ASPECT_RATIO_2048_BIN,
+    128: ASPECT_RATIO_1024_BIN,
+    64: ASPECT_RATIO_512_BIN,
+    32: ASPECT_RATIO_256_BIN,
+}
 # The name model_index.json gives this module: diffusers imports `<name>.py` from the folder.
 MODULE_NAME = Path(__file__).stem
 
@@ -81,7 +86,7 @@ def pipeline_code_files() -> list[Path]:
     """
     here = Path(__file__).resolve()
     tree = ast.parse(here.read_text(encoding="utf-8"))
-    siblings = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+    siblings = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
     return [here] + [here.with_name(f"{name}.py") for name in sorted(siblings)]
 
 
@@ -142,7 +147,9 @@ class SIMOneStepPipeline(DiffusionPipeline):
             max_sequence_length = PIXART_ALPHA.max_sequence_length  # folders saved before PixArt-Σ support
         if int(max_sequence_length) < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}.")
-        self.register_to_config(conditioning_timestep=conditioning_timestep, max_sequence_length=int(max_sequence_length))
+        self.register_to_config(
+            conditioning_timestep=conditioning_timestep, max_sequence_length=int(max_sequence_length)
+        )
         self.vae_scale_factor = vae_scale_factor_of(vae)
         self.image_processor = PixArtImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -178,10 +185,14 @@ class SIMOneStepPipeline(DiffusionPipeline):
                 raise ValueError(f"Loading options {sorted(kwargs)} only apply when the teacher is a path or Hub id.")
             copy_transformer = True
         else:
-            raise ValueError(f"`teacher` must be a Hub id, a folder or a PixArt pipeline, got {type(teacher).__name__}.")
+            raise ValueError(
+                f"`teacher` must be a Hub id, a folder or a PixArt pipeline, got {type(teacher).__name__}."
+            )
         family = family_of_pipeline(teacher)
         if family is None:
-            raise ValueError(f"The teacher is a {type(teacher).__name__}, not a PixArtAlphaPipeline or PixArtSigmaPipeline.")
+            raise ValueError(
+                f"The teacher is a {type(teacher).__name__}, not a PixArtAlphaPipeline or PixArtSigmaPipeline."
+            )
         if not isinstance(teacher.transformer, PixArtTransformer2DModel):
             raise ValueError(
                 f"The teacher's transformer is a {type(teacher.transformer).__name__}, not a PixArtTransformer2DModel."
@@ -214,7 +225,7 @@ class SIMOneStepPipeline(DiffusionPipeline):
 
     def to_json_string(self) -> str:
         config = json.loads(super().to_json_string())
-        config["_class_name"] = [MODULE_NAME, type(self).__name__]
+        config["_class_name"] = [MODULE_NAME, SIMOneStepPipeline.__name__]  # the class the carried module defines
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
@@ -230,7 +241,7 @@ class SIMOneStepPipeline(DiffusionPipeline):
         # Every config this class reads (from_pretrained, download) passes here. diffusers would import the folder's
         # copy of the code for a [module, class] name (refusing without trust_remote_code); this class is that code.
         config = super()._dict_from_json_file(json_file)
-        if config.get("_class_name") == [MODULE_NAME, cls.__name__]:
+        if config.get("_class_name") == [MODULE_NAME, SIMOneStepPipeline.__name__]:
             config["_class_name"] = cls.__name__
         return config
 
@@ -259,6 +270,8 @@ class SIMOneStepPipeline(DiffusionPipeline):
         (B * num_images_per_prompt, L, D) and (B * num_images_per_prompt, L); the negative ones are None without
         classifier-free guidance (the one-step generator never uses them).
         """
+        if max_sequence_length is None:
+            max_sequence_length = self.config.max_sequence_length
         needs_t5 = prompt_embeds is None or (do_classifier_free_guidance and negative_prompt_embeds is None)
         if needs_t5 and (self.tokenizer is None or self.text_encoder is None):
             raise ValueError(
@@ -277,7 +290,7 @@ class SIMOneStepPipeline(DiffusionPipeline):
             prompt_attention_mask=prompt_attention_mask,
             negative_prompt_attention_mask=negative_prompt_attention_mask,
             clean_caption=clean_caption,
-            max_sequence_length=self.config.max_sequence_length if max_sequence_length is None else max_sequence_length,
+            max_sequence_length=max_sequence_length,
             **kwargs,
         )
 
@@ -295,7 +308,9 @@ class SIMOneStepPipeline(DiffusionPipeline):
         if self.conditioning_timestep is None:
             raise ValueError("SIMOneStepPipeline was built without a scheduler, so without a `conditioning_timestep`.")
         if output_type != "latent" and self.vae is None:
-            raise ValueError('SIMOneStepPipeline needs a `vae` to decode images: load it, or pass output_type="latent".')
+            raise ValueError(
+                'SIMOneStepPipeline needs a `vae` to decode images: load it, or pass output_type="latent".'
+            )
 
     def check_inputs(self, prompt, height, width, prompt_embeds, prompt_attention_mask, generator, batch_size):
         patch = self.vae_scale_factor * self.transformer.config.patch_size

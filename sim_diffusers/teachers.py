@@ -83,8 +83,7 @@ def load_teacher_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kw
     model_index = diffusers.DiffusionPipeline.load_config(pretrained_model_name_or_path, **config_kwargs)
     family = family_of_model_index(model_index)
     if family is None:
-        raise ValueError(
-            f"{pretrained_model_name_or_path} is a {class_name_of(model_index)}, not a PixArt-alpha or PixArt-Σ pipeline."
-        )
+        name = class_name_of(model_index)
+        raise ValueError(f"{pretrained_model_name_or_path} is a {name}, not a PixArt-alpha or PixArt-Σ pipeline.")
     pipeline_class = getattr(diffusers, family.pipeline_class)
     return pipeline_class.from_pretrained(pretrained_model_name_or_path, **kwargs)

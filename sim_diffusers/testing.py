@@ -1,4 +1,4 @@
-"""Tiny, offline, seeded PixArt-alpha and PixArt-Σ pipelines with the real Hub layout, for tests, demos and benchmarks.
+"""Tiny, offline, seeded PixArt-alpha and PixArt-Σ pipelines with the real Hub layout, for tests, demos, benchmarks.
 
 Nothing here downloads anything: the T5 tokenizer is built from an in-memory vocabulary, and the T5 encoder, VAE and
 PixArt transformer are randomly initialised from a seed. `build_tiny_pixart_pipeline(path)` writes a folder that
@@ -175,8 +175,11 @@ def build_tiny_pixart_sigma_pipeline(output_dir: str | os.PathLike, seed: int = 
     )
     # The published Σ repositories name the transformer Transformer2DModel; diffusers loads it as a
     # PixArtTransformer2DModel by its ada_norm_single norm. Code that checks class names must see that layout.
-    index_path, config_path = output_dir / "model_index.json", output_dir / "transformer" / "config.json"
-    for path, update in ((index_path, {"transformer": ["diffusers", "Transformer2DModel"]}), (config_path, {"_class_name": "Transformer2DModel"})):
+    renames = {
+        output_dir / "model_index.json": {"transformer": ["diffusers", "Transformer2DModel"]},
+        output_dir / "transformer" / "config.json": {"_class_name": "Transformer2DModel"},
+    }
+    for path, update in renames.items():
         data = json.loads(path.read_text(encoding="utf-8"))
         data.update(update)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

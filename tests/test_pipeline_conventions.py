@@ -251,3 +251,18 @@ def test_no_torch_dtype_left_in_docs_and_examples():
     assert len(files) > 5
     offenders = [str(f.relative_to(REPO)) for f in files if "torch_dtype=" in f.read_text(encoding="utf-8")]
     assert not offenders
+
+
+def test_a_folder_saved_before_the_carried_code_still_loads(saved, tmp_path):
+    """Folders written before this layout: a plain class name, no code files, no max_sequence_length (alpha's)."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(saved, old, ignore=shutil.ignore_patterns("*.py"))
+    index = json.loads((old / "model_index.json").read_text())
+    index["_class_name"] = "SIMOneStepPipeline"
+    del index["max_sequence_length"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    loaded = SIMOneStepPipeline.from_pretrained(old)
+    assert (loaded.conditioning_timestep, loaded.config.max_sequence_length) == (400, 120)
+    assert torch.equal(latents_of(loaded), latents_of(SIMOneStepPipeline.from_pretrained(saved)))
