@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare a SIM one-step model with its PixArt-alpha teacher the way the SIM paper does, in one command.
+"""Compare a SIM one-step model with its PixArt-alpha or PixArt-Σ teacher the way the SIM paper does, in one command.
 
     python examples/evaluate.py \
         --model SIM=path/to/sim-model \
@@ -9,8 +9,8 @@
         --output_dir eval/sim-vs-pixart
 
 A model is `[LABEL=]PATH[:STEPS[:GUIDANCE]]`: a Hub id or folder; a folder whose model_index.json names
-`SIMOneStepPipeline` is sampled in one step, anything else with `PixArtAlphaPipeline` (30 steps and guidance 4.5
-unless given). Sample i uses caption i (cycling through the caption file) and seed `--seed + i` for every model, so
+`SIMOneStepPipeline` is sampled in one step, a teacher with its own `PixArtAlphaPipeline` or `PixArtSigmaPipeline`
+(30 steps and guidance 4.5 unless given). Sample i uses caption i (cycling through the caption file) and seed `--seed + i` for every model, so
 the grid compares the same prompt and noise. Each metric's weights come from a Hub id or local path (see --help and
 docs/evaluation.md). Writes images/, results.json and report.html to --output_dir.
 """

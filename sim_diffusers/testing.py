@@ -1,9 +1,11 @@
-"""Tiny, offline, seeded PixArt-alpha pipelines with the real Hub layout, for tests, demos and benchmarks.
+"""Tiny, offline, seeded PixArt-alpha and PixArt-Σ pipelines with the real Hub layout, for tests, demos, benchmarks.
 
 Nothing here downloads anything: the T5 tokenizer is built from an in-memory vocabulary, and the T5 encoder, VAE and
 PixArt transformer are randomly initialised from a seed. `build_tiny_pixart_pipeline(path)` writes a folder that
 `PixArtAlphaPipeline.from_pretrained(path)` (and our trainer's `--pretrained_model_name_or_path`) accept exactly as
-they accept `PixArt-alpha/PixArt-XL-2-512x512`.
+they accept `PixArt-alpha/PixArt-XL-2-512x512`; `build_tiny_pixart_sigma_pipeline(path)` one laid out as
+`PixArt-alpha/PixArt-Sigma-XL-2-1024-MS` (PixArtSigmaPipeline, a 300-token tokenizer, an SDXL-style VAE, the
+transformer named Transformer2DModel as the published Σ repositories name it).
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ TINY_VOCABULARY_WORDS = (
 TINY_VOCABULARY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:;()")
 
 TINY_T5_DIM = 32
-TINY_MAX_SEQUENCE_LENGTH = 120
+TINY_MAX_SEQUENCE_LENGTH = 120  # PixArt-alpha's
+TINY_SIGMA_MAX_SEQUENCE_LENGTH = 300  # PixArt-Σ's
+# The VAE latents' scaling factors: SD's VAE (PixArt-alpha) and SDXL's (PixArt-Σ).
+SD_VAE_SCALING_FACTOR = 0.18215
+SDXL_VAE_SCALING_FACTOR = 0.13025
 
 
-def tiny_t5_tokenizer():
+def tiny_t5_tokenizer(model_max_length: int = TINY_MAX_SEQUENCE_LENGTH):
     """A Unigram T5 tokenizer over TINY_VOCABULARY (pad=0, eos=1, unk=2 as in T5)."""
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("\u2581" + word, -2.0) for word in TINY_VOCABULARY_WORDS]
     vocab += [("\u2581", -4.0)] + [(char, -8.0) for char in TINY_VOCABULARY_CHARS]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_MAX_SEQUENCE_LENGTH)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
 def tiny_t5_encoder(vocab_size: int, d_model: int = TINY_T5_DIM):
@@ -58,8 +64,9 @@ def tiny_t5_encoder(vocab_size: int, d_model: int = TINY_T5_DIM):
     return T5EncoderModel(config).eval()
 
 
-def tiny_vae():
-    """A 4-channel AutoencoderKL with the SD VAE's x8 downsampling and scaling factor, a few thousand parameters."""
+def tiny_vae(scaling_factor: float = SD_VAE_SCALING_FACTOR, **overrides):
+    """A 4-channel AutoencoderKL with the SD VAE's x8 downsampling (and by default its scaling factor), a few thousand
+    parameters."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -72,7 +79,8 @@ def tiny_vae():
         latent_channels=4,
         norm_num_groups=4,
         sample_size=64,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
+        **overrides,
     ).eval()
 
 
@@ -139,4 +147,40 @@ def build_tiny_pixart_pipeline(
     output_dir = Path(output_dir)
     pipe = PixArtAlphaPipeline(**tiny_pixart_components(seed, micro_conditions, **transformer_overrides))
     pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
+def tiny_pixart_sigma_components(seed: int = 0, **transformer_overrides) -> dict:
+    """The five components of a tiny PixArtSigmaPipeline, reproducible from `seed`.
+
+    As PixArt-Σ differs from PixArt-alpha: a 300-token tokenizer, the SDXL VAE's scaling factor (0.13025, upcast in
+    half precision as SDXL's config asks) and no micro-conditions even at sample_size 128.
+    """
+    components = tiny_pixart_components(seed, micro_conditions=False, **transformer_overrides)
+    components["tokenizer"] = tiny_t5_tokenizer(model_max_length=TINY_SIGMA_MAX_SEQUENCE_LENGTH)
+    torch.manual_seed(seed + 1)
+    components["vae"] = tiny_vae(scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True)
+    return components
+
+
+def build_tiny_pixart_sigma_pipeline(output_dir: str | os.PathLike, seed: int = 0, **transformer_overrides) -> Path:
+    """Write a tiny PixArt-Σ pipeline folder (Hub layout, safetensors) and return its path."""
+    import json
+
+    from diffusers import PixArtSigmaPipeline
+
+    output_dir = Path(output_dir)
+    PixArtSigmaPipeline(**tiny_pixart_sigma_components(seed, **transformer_overrides)).save_pretrained(
+        output_dir, safe_serialization=True
+    )
+    # The published Σ repositories name the transformer Transformer2DModel; diffusers loads it as a
+    # PixArtTransformer2DModel by its ada_norm_single norm. Code that checks class names must see that layout.
+    renames = {
+        output_dir / "model_index.json": {"transformer": ["diffusers", "Transformer2DModel"]},
+        output_dir / "transformer" / "config.json": {"_class_name": "Transformer2DModel"},
+    }
+    for path, update in renames.items():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.update(update)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return output_dir

@@ -233,7 +233,7 @@ BAD_INPUT_ROWS = [
     ("only non-UTF-8 lines", {"--caption_file": "{root}/latin1.txt"},
      r"latin1\.txt holds no captions .*2 line\(s\) skipped as not valid UTF-8"),
     ("teacher is Stable Diffusion", {"--pretrained_model_name_or_path": "{root}/sd-teacher"},
-     r"sd-teacher is a StableDiffusionPipeline \(transformer None\), not a PixArt-alpha pipeline"),
+     r"sd-teacher is a StableDiffusionPipeline \(transformer None\), not a PixArt-alpha or PixArt-Σ pipeline"),
     ("teacher without model_index.json", {"--pretrained_model_name_or_path": "{teacher}/transformer"},
      r"is not a diffusers pipeline \(no model_index\.json; found \['config\.json', 'diffusion_pytorch_model\.safetensors'\]\)"),
     ("resolution differs from teacher", {"--resolution": "512"}, r"--resolution 512 does not match the teacher, which was trained at 64 px"),

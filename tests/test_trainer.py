@@ -14,6 +14,7 @@ from conftest import TRAINER_ENV, TRAINER_SCRIPT, component_weights, load_traine
 from safetensors.torch import load_file
 
 from sim_diffusers import SIMOneStepPipeline
+from sim_diffusers.pipeline_sim_one_step import pipeline_code_files
 
 CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a house by the lake", "a small boat on the river", "a bright sun"]
 # Adam with a large epsilon is close to SGD: float noise in tiny gradients is not blown up to +-lr by the
@@ -94,6 +95,7 @@ def test_checkpoints_pruning_validation_and_only_safe_files(one_process_run):
         if path.is_file():
             allowed = path.suffix in {".safetensors", ".json", ".jsonl", ".png", ".md", ".txt", ".model"}
             allowed |= "checkpoint-" in str(path.parent) and (path.name in accelerate_state or path.name.startswith("random_states_"))
+            allowed |= path.parent == one_process_run and path.name in {p.name for p in pipeline_code_files()}  # for stock diffusers
             assert allowed, path
     assert not list(one_process_run.glob(".tmp-*"))
     steps = [json.loads(line) for line in (one_process_run / "logs" / "steps.jsonl").read_text().splitlines()]

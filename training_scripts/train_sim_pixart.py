@@ -63,7 +63,8 @@ def parse_args(input_args=None):
 def _teacher_and_caption_args(parser):
     g = parser.add_argument_group("teacher")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Hub id or local folder of a PixArt-alpha pipeline (the teacher).")
+                   help="Hub id or local folder of a PixArt-alpha or PixArt-Σ pipeline (the teacher; its family is "
+                   "read from its model_index.json).")
     g.add_argument("--revision", default=None, help="Hub revision of the teacher.")
     g.add_argument("--variant", default=None, help="Weight variant of the teacher's files, e.g. fp16.")
     g.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
@@ -78,7 +79,8 @@ def _teacher_and_caption_args(parser):
     g.add_argument("--clean_caption", action=argparse.BooleanOptionalAction, default=True,
                    help="Clean captions as PixArt-alpha does (same default as the pipeline, so training and inference "
                    "agree).")
-    g.add_argument("--max_sequence_length", type=int, default=120, help="T5 tokens per caption (PixArt-alpha: 120).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="T5 tokens per caption; default: the teacher family's (PixArt-alpha 120, PixArt-Σ 300).")
     g.add_argument("--text_embedding_cache", default=None, metavar="DIR",
                    help="Encode every caption once with T5 into safetensors shards in DIR, then train without T5 in "
                    "memory. Reused when it matches.")
@@ -239,7 +241,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     from tqdm.auto import tqdm
 
     from sim_diffusers.sampling import ode_scheduler
-    from sim_diffusers.training import checkpointing, faults
+    from sim_diffusers.training import faults
     from sim_diffusers.training.captions import CaptionStream
     from sim_diffusers.training.iteration import SIMIteration
     from sim_diffusers.training.run import StepBatches, StepLog, TrainingState, log_validation, register_checkpoint_hooks
@@ -307,7 +309,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan)
-        write_model_card(args, output_dir, t_star, state.step)
+        write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"])
         if args.push_to_hub:
             push(args, output_dir)
     accelerator.end_training()
@@ -347,18 +349,19 @@ def set_up(args):
 
 def build_networks(args, device, weight_dtype):
     """(teacher pipeline, one-step pipeline whose transformer is G, ScoreNetworks of T and F), on `device`."""
-    from diffusers import PixArtAlphaPipeline
-
     from sim_diffusers import SIMOneStepPipeline
+    from sim_diffusers.teachers import load_teacher_pipeline
     from sim_diffusers.training.models import ScoreNetworks, cast_trainable_to_fp32, place_networks
     from sim_diffusers.training.run import needs_text_encoder
 
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-    teacher_pipe = PixArtAlphaPipeline.from_pretrained(
+    teacher_pipe = load_teacher_pipeline(
         args.pretrained_model_name_or_path, dtype=weight_dtype, **load_kwargs,
         **({} if needs_text_encoder(args) else {"text_encoder": None}),
     )
-    one_step = SIMOneStepPipeline.from_teacher(teacher_pipe, conditioning_timestep=args.conditioning_timestep)
+    one_step = SIMOneStepPipeline.from_teacher(
+        teacher_pipe, conditioning_timestep=args.conditioning_timestep, max_sequence_length=args.max_sequence_length
+    )
     generator = cast_trainable_to_fp32(one_step.transformer.requires_grad_(True)).train()
     networks = ScoreNetworks.build(
         teacher_pipe.transformer, args.fake_score_lora_rank, args.fake_score_lora_alpha, seed=args.seed
@@ -464,6 +467,7 @@ def save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, outpu
     pipe = SIMOneStepPipeline(
         tokenizer=teacher_pipe.tokenizer, text_encoder=None, vae=vae, transformer=final.float(),
         scheduler=one_step.scheduler, conditioning_timestep=one_step.conditioning_timestep,
+        max_sequence_length=args.max_sequence_length,
     )
 
     def add_teacher_text_encoder(folder):
@@ -476,7 +480,7 @@ def save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, outpu
     vae.to(vae_dtype)
 
 
-def write_model_card(args, output_dir, t_star, steps):
+def write_model_card(args, output_dir, t_star, steps, teacher_family):
     from sim_diffusers.training.hub import render_model_card
 
     grid = output_dir / "validation" / "latest.png"
@@ -487,6 +491,7 @@ def write_model_card(args, output_dir, t_star, steps):
         base_model=None if Path(args.pretrained_model_name_or_path).exists() else args.pretrained_model_name_or_path,
         repo_id=args.hub_model_id,
         conditioning_timestep=t_star,
+        teacher_family=teacher_family,
         settings={**vars(args), "trained_steps": steps},
         validation_image="validation/latest.png" if grid.exists() else None,
         validation_prompts=args.validation_prompts,

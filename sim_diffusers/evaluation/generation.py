@@ -10,6 +10,8 @@ from importlib import resources
 
 import torch
 
+from ..teachers import class_name_of
+
 SIM_PIPELINE = "SIMOneStepPipeline"
 # The SIM paper's teacher row: PixArt-alpha with 30 sampling steps; 4.5 is PixArt-alpha's default guidance scale.
 TEACHER_STEPS = 30
@@ -69,16 +71,21 @@ def pipeline_class_name(path: str) -> str:
 
         index_file = hf_hub_download(path, "model_index.json")
     with open(index_file, encoding="utf-8") as f:
-        return json.load(f)["_class_name"]
+        return class_name_of(json.load(f))
 
 
 def load_pipeline(spec: ModelSpec, device="cpu", dtype=torch.float32):
-    """SIMOneStepPipeline when model_index.json says so, PixArtAlphaPipeline otherwise."""
+    """SIMOneStepPipeline when model_index.json says so, the teacher's own PixArtAlphaPipeline or PixArtSigmaPipeline
+    otherwise."""
     if spec.pipeline == SIM_PIPELINE:
-        from sim_diffusers import SIMOneStepPipeline as pipeline_class
+        from sim_diffusers import SIMOneStepPipeline
+
+        pipe = SIMOneStepPipeline.from_pretrained(spec.path, dtype=dtype)
     else:
-        from diffusers import PixArtAlphaPipeline as pipeline_class
-    pipe = pipeline_class.from_pretrained(spec.path, dtype=dtype).to(device)
+        from sim_diffusers.teachers import load_teacher_pipeline
+
+        pipe = load_teacher_pipeline(spec.path, dtype=dtype)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all batches
     return pipe
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from ..losses import DIVERGENCES
+from ..teachers import family_of_model_index
 from .captions import CaptionSet, UserInputError, load_dataset_captions, read_caption_file
 from .checkpointing import complete_checkpoints, latest_checkpoint
 
@@ -34,7 +35,7 @@ def _teacher_file(args, name: str) -> Path:
     if root.is_dir():
         return root / name
     if root.exists():
-        raise UserInputError(f"--pretrained_model_name_or_path {root} is a file, not a PixArt-alpha pipeline folder.")
+        raise UserInputError(f"--pretrained_model_name_or_path {root} is a file, not a PixArt pipeline folder.")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -47,7 +48,10 @@ def _teacher_file(args, name: str) -> Path:
 
 
 def check_teacher(args) -> dict:
-    """The teacher must be a PixArt-alpha pipeline; returns facts used later (native resolution)."""
+    """The teacher must be a PixArt-alpha or PixArt-Σ pipeline; returns facts used later (family, native resolution).
+
+    Resolves `--max_sequence_length` to the family's T5 length (120 or 300) when it was not given.
+    """
     index_path = _teacher_file(args, "model_index.json")
     if not index_path.is_file():
         found = sorted(p.name for p in index_path.parent.iterdir())[:8] if index_path.parent.is_dir() else []
@@ -57,11 +61,16 @@ def check_teacher(args) -> dict:
         )
     index = _read_json(index_path)
     transformer = index.get("transformer")
-    if index.get("_class_name") != "PixArtAlphaPipeline" or not transformer or transformer[1] not in PIXART_TRANSFORMER_CLASSES:
+    family = family_of_model_index(index)
+    if family is None or not transformer or transformer[1] not in PIXART_TRANSFORMER_CLASSES:
         raise UserInputError(
             f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a "
-            f"{index.get('_class_name')} (transformer {transformer}), not a PixArt-alpha pipeline."
+            f"{index.get('_class_name')} (transformer {transformer}), not a PixArt-alpha or PixArt-Σ pipeline."
         )
+    if args.max_sequence_length is None:
+        args.max_sequence_length = family.max_sequence_length
+    elif args.max_sequence_length < 1:
+        raise UserInputError(f"--max_sequence_length must be >= 1, got {args.max_sequence_length}.")
     transformer_config = _read_json(_teacher_file(args, "transformer/config.json"))
     vae_config = _read_json(_teacher_file(args, "vae/config.json"))
     blocks = vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels") or [0] * 4
@@ -71,7 +80,7 @@ def check_teacher(args) -> dict:
             f"--resolution {args.resolution} does not match the teacher, which was trained at {native_resolution} px "
             f"(sample_size {transformer_config['sample_size']}); omit --resolution or pass {native_resolution}."
         )
-    return {"native_resolution": native_resolution}
+    return {"teacher_family": family.name, "native_resolution": native_resolution}
 
 
 def check_arguments(args) -> None:

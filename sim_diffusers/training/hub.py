@@ -14,10 +14,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..teachers import PIXART_ALPHA, family_named
+
 # Never uploaded: resumable training state (optimiser pickles) and temporary files of interrupted saves.
 UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", "logs/**", "text_embedding_cache/**"]
 SECRET_ARGUMENTS = ("hub_token",)
-MODEL_CARD_TAGS = ["text-to-image", "diffusers", "pixart-alpha", "one-step", "distillation", "score-implicit-matching", "sim_diffusers"]
+# The teacher family's tag (pixart-alpha or pixart-sigma) goes after "diffusers".
+MODEL_CARD_TAGS = ["text-to-image", "diffusers", "one-step", "distillation", "score-implicit-matching", "sim_diffusers"]
 
 
 def public_arguments(args: dict) -> dict:
@@ -42,21 +45,26 @@ def render_model_card(
     repo_id: str | None,
     conditioning_timestep: int,
     settings: dict,
+    teacher_family: str = PIXART_ALPHA.name,
     validation_image: str | None,
     validation_prompts: list[str] | None,
     use_ema: bool,
     license: str = "openrail++",
 ) -> Path:
-    """Write output_dir/README.md from the template: YAML metadata, loading code, training settings, samples."""
+    """Write output_dir/README.md from the template: YAML metadata, loading code, training settings, samples.
+
+    teacher_family: the teacher's family name (`sim_diffusers.teachers`: "PixArt-alpha" or "PixArt-Σ").
+    """
     import jinja2
     from huggingface_hub import ModelCardData
 
+    family = family_named(teacher_family)
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
         base_model=base_model,
         license=license,
-        tags=MODEL_CARD_TAGS,
+        tags=MODEL_CARD_TAGS[:2] + [family.hub_tag] + MODEL_CARD_TAGS[2:],
         inference=False,
     )
     repo_id = repo_id or Path(output_dir).resolve().name
@@ -73,6 +81,7 @@ def render_model_card(
         repo_id=repo_id,
         base_model=base_model,
         teacher=settings.get("pretrained_model_name_or_path"),
+        teacher_family=family.name,
         conditioning_timestep=conditioning_timestep,
         example_prompt=(validation_prompts or ["A small cactus with a happy face in the Sahara desert."])[0],
         validation_section=validation,
