@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Distil the ground-truth world's PixArt teacher with the real trainer and score the one-step generator exactly.
 
-    python benchmarks/ground_truth/distill.py --world quick --max_train_steps 300 -- --regression_warmup_steps 200
-    python benchmarks/ground_truth/distill.py --seeds 0 1 2 --baselines                     # the full benchmark
-    python benchmarks/ground_truth/distill.py --name plain -- --regression_loss_weight 0     # an ablation: trainer args
+    python -m benchmarks.ground_truth.distill --world quick --max_train_steps 300 -- --regression_warmup_steps 200
+    python -m benchmarks.ground_truth.distill --seeds 0 1 2 --baselines                   # the full benchmark
+    python -m benchmarks.ground_truth.distill --name plain -- --regression_loss_weight 0  # an ablation: trainer args
 
 For each seed it runs `accelerate launch training_scripts/train_sim_pixart.py` on the cached teacher with the world's
 captions (checkpoints every --eval_every steps), loads every checkpoint's generator and the final pipeline with
@@ -24,12 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import add_world_and_teacher_args, world_and_config  # noqa: E402
-
-from sim_diffusers.ground_truth import (  # noqa: E402
+from benchmarks.ground_truth._common import add_world_and_teacher_args, world_and_config
+from sim_diffusers.ground_truth import (
     METRIC_KEYS,
     evaluate_pipeline_latents,
     load_or_build_teacher,
@@ -37,6 +32,8 @@ from sim_diffusers.ground_truth import (  # noqa: E402
     sample_pipeline_latents,
     sample_teacher_latents,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The benchmark's trainer settings. Guidance 1: the metrics compare against the world itself, which is what the
 # unguided teacher samples; guided distillation is an ablation (`-- --guidance_scale 4.5`). Learning rates G 1e-5,
