@@ -3,7 +3,8 @@
 # Gaussian mixture in latent space, `sim_diffusers.ground_truth`) into a one-step generator with the real trainer
 # (`accelerate launch training_scripts/train_sim_pixart.py`), load it with SIMOneStepPipeline.from_pretrained, and
 # print how close it gets: prompt fidelity, mode coverage, mode-weight error, MMD, next to the teacher's samplers.
-# The teacher is trained once (about a minute) and cached under ~/.cache/sim_diffusers/ground_truth/. A few minutes on 2 cores.
+# The teacher is trained once (about a minute) and cached under ~/.cache/sim_diffusers/ground_truth/ (or
+# $SIM_DIFFUSERS_CACHE/ground_truth/). A few minutes on 2 cores. docs/ground_truth.md explains the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
