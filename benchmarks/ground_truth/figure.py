@@ -17,6 +17,7 @@ METRIC_STYLE = {  # metric key -> (legend label, colour)
 }
 GRID, AXIS, MUTED = (225, 225, 225), (0, 0, 0), (110, 110, 110)
 TILE, TILE_GAP = 28, 3
+PLOT = dict(left=70, top=70, right=520, bottom=380)  # the metrics panel, in pixels
 LATENT_RANGE = 1.5  # tiles show latent values in [-1.5, 1.5] (mode means are +-0.8): black to white
 
 
@@ -64,7 +65,7 @@ def draw_figure(path, title: str, curve: list[dict], sample_sets: list[tuple[str
     samples_title = (f"samples ({per_sample} per caption): latent channel 0, black = -{LATENT_RANGE:g}, "
                      f"white = +{LATENT_RANGE:g}")
     right_width = max(right_width, int(font.getlength(samples_title)))
-    plot = dict(left=70, top=70, right=520, bottom=380)
+    plot = PLOT
     width = plot["right"] + 50 + right_width + 20
     height = max(plot["bottom"] + 110, 70 + 20 + sets_height + 10)
     canvas = Image.new("RGB", (width, height), "white")
