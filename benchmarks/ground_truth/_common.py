@@ -44,7 +44,7 @@ def world_and_config(args) -> tuple[GaussianMixtureWorld, TeacherConfig]:
 
 def quiet_libraries() -> None:
     """No progress bars ("Loading pipeline components", "Loading weights") and no info logs from diffusers and
-    transformers: a script's output is its own table. Warnings at level ERROR and above still show."""
+    transformers: a script's output is its own table. Errors still show."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -311,7 +311,7 @@ class GaussianMixtureWorld:
         alphabar = alphas_cumprod[torch.as_tensor(timesteps).reshape(-1).long().cpu()].double()
         return alphabar.expand(batch_size) if alphabar.numel() == 1 else alphabar
 
-    # -- metrics -----------------------------------------------------------------------------------------------------
+    # -- block patterns, what the metrics compare ------------------------------------------------------------------
 
     def patterns(self, x: torch.Tensor) -> torch.Tensor:
         """Block means of latents (N, C, H, W) -> (N, P)."""
