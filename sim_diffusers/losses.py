@@ -376,8 +376,7 @@ def step_is_finite(loss: torch.Tensor, parameters=None) -> bool:
 # distribution, so this term and the divergence have the same minimiser.
 
 
-def regression_loss(x0: torch.Tensor, target: torch.Tensor, distance: str = "l2", huber_c=None,
-                    tolerance: float = 0.0) -> torch.Tensor:
+def regression_loss(x0: torch.Tensor, target: torch.Tensor, distance: str = "l2", huber_c=None) -> torch.Tensor:
     """Per-sample distance between generator samples and teacher-ODE targets from the same noise: (B,).
 
     "l2": mean squared error per element. "pseudo_huber": 2 c (sqrt(||x0 - target||^2 + c^2) - c) / numel, which
@@ -385,19 +384,10 @@ def regression_loss(x0: torch.Tensor, target: torch.Tensor, distance: str = "l2"
     (default DEFAULT_HUBER_C_PER_SQRT_ELEMENT * sqrt(CHW)). Why it can matter: where the network cannot yet tell which
     mode a noise belongs to, the squared error is smallest for a blend of the candidate modes, while the norm is as
     small for committing to one of them.
-
-    `tolerance` r (latent norm units): the distance is taken of the difference shortened by r, (1 - r / ||d||)+ d, so
-    a sample within r of its target is not pulled at all. The anchor then only fixes which mode a noise goes to and
-    leaves the detail inside that ball to the divergence.
     """
     if x0.shape != target.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and target {tuple(target.shape)} differ in shape.")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
     diff = x0.float() - target.float()
-    if tolerance > 0:
-        norm = diff.flatten(1).norm(dim=1).clamp_min(1e-12)
-        diff = diff * _per_sample((1.0 - tolerance / norm).clamp_min(0.0), diff)
     numel = diff[0].numel()
     if distance == "l2":
         return diff.square().flatten(1).mean(dim=1)

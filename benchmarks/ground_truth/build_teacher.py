@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Train (or find in the cache) the tiny PixArt-alpha teacher of the Gaussian-mixture world, and report its accuracy.
 
-    .venv/bin/python benchmarks/ground_truth/build_teacher.py                 # default world, ~minutes on 1 core
-    .venv/bin/python benchmarks/ground_truth/build_teacher.py --world quick   # CI-sized, seconds
+    python -m benchmarks.ground_truth.build_teacher                 # default world, ~minutes on 1 core
+    python -m benchmarks.ground_truth.build_teacher --world quick   # CI-sized, about a minute
 
 Prints the teacher folder (a complete PixArt-alpha pipeline: PixArtAlphaPipeline.from_pretrained(path) loads it) and
 the relative error |eps_theta - eps*|^2 / |eps*|^2 against the exact epsilon per timestep.
@@ -13,8 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import add_world_and_teacher_args, world_and_config
-
+from benchmarks.ground_truth._common import add_world_and_teacher_args, world_and_config
 from sim_diffusers.ground_truth import load_or_build_teacher, read_teacher_record
 
 

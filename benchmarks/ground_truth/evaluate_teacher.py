@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Sample the ground-truth world's teacher, the exact-epsilon oracle and the untrained one-step generator, and score
 each against the world's exact metrics.
 
-    .venv/bin/python benchmarks/ground_truth/evaluate_teacher.py                  # default world
-    .venv/bin/python benchmarks/ground_truth/evaluate_teacher.py --world quick    # CI-sized
+    python -m benchmarks.ground_truth.evaluate_teacher                  # default world
+    python -m benchmarks.ground_truth.evaluate_teacher --world quick    # CI-sized
 
 Rows: exact samples (the metrics' noise floor), the oracle (the teacher's DPM-Solver++ driven by the exact epsilon)
 and the teacher (PixArtAlphaPipeline) at each number of steps and guidance scale, and
@@ -19,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import add_world_and_teacher_args, world_and_config
 
+from benchmarks.ground_truth._common import add_world_and_teacher_args, world_and_config
 from sim_diffusers.ground_truth import (
     evaluate_pipeline_latents,
     load_or_build_teacher,

@@ -12,11 +12,11 @@ its output from one mode to the other, so a map that stretches noise distances b
 Two measurements, on the evaluation noise of every caption:
 - lines: through each of the first --max_lines misses, along the direction in which the miss moves fastest from its
   nearest mode towards its second (the gradient of d_nearest^2 - d_second^2 over block-mean patterns, as in the
-  metrics), the map's outputs at --spacing for --half_length each way, measured by `ground_truth.band_widths`;
+  metrics), the map's outputs at --spacing for --half_length each way, measured by `research.diagnostics.band_widths`;
 - circles: --circles great circles z(theta) = cos(theta) z1 + sin(theta) z2 through pairs of the noise, every point
-  of which is N(0, I), counted by `ground_truth.circle_crossings`; their crossings estimate A (Gaussian Crofton formula).
+  of which is N(0, I), counted by `research.diagnostics.circle_crossings`; their crossings estimate A (Gaussian Crofton formula).
 
-    python benchmarks/ground_truth/transitions.py outputs/ground_truth/fits/fit_lr3e-4_2000.safetensors \
+    python -m research.transitions outputs/ground_truth/fits/fit_lr3e-4_2000.safetensors \
         --untrained --teacher_steps 8 20
 
 Line columns: fidelity; the share of lines whose band lies between two different modes, and of those still off-mode
@@ -33,14 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-from _common import (  # noqa: E402
+from research import _common
+from research._common import (
     EVALUATION_SEED,
     add_world_and_teacher_args,
     generator_path,
@@ -93,7 +91,8 @@ def run_map(sample_map, points, chunk):
 def measure(world, caption_idx: int, sample_map, args) -> tuple[float, dict, dict | None]:
     """Fidelity of `sample_map` (noise (B, C, H, W) -> latents, differentiable) on the caption's evaluation noise,
     `band_widths` of lines through its first misses and `circle_crossings` of circles through pairs of that noise."""
-    from sim_diffusers.ground_truth import band_widths, circle_crossings, initial_noise
+    from research.diagnostics import band_widths, circle_crossings
+    from sim_diffusers.ground_truth import initial_noise
 
     noise = initial_noise(world, args.num_samples, EVALUATION_SEED, caption_idx)
     mode_patterns = world.patterns(world.means[caption_idx])

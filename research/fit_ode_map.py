@@ -1,14 +1,13 @@
-#!/usr/bin/env python
 """How well can the one-step network learn the teacher's ODE map by regression alone?
 
-    python benchmarks/ground_truth/fit_ode_map.py --num_pairs 2048 --steps 3000
+    python -m research.fit_ode_map --num_pairs 2048 --steps 3000
 
 A diagnostic for the regression term of the trainer: it draws `--num_pairs` noises per caption once, solves the
 teacher's ODE from each (DPM-Solver++, `--num_inference_steps`, guidance 1), and fits the one-step generator
 (initialised from the teacher at t*) to those pairs by regression only (`--distance`: mean squared error, or
 pseudo-Huber as the trainer's default), with no divergence and no fake score.
-It scores the generator on held-out noise (the same noise as distill.py and screen.py) every --eval_every steps and
-appends one JSON line to --out. If this fit stays blurry, the anchor alone cannot make samples sharp at this size; if
+It scores the generator on held-out noise (the same noise as benchmarks.ground_truth.distill and research.screen)
+every --eval_every steps and appends one JSON line to --out. If this fit stays blurry, the anchor alone cannot make samples sharp at this size; if
 it becomes sharp, the limit of SIM + regression lies in how the two terms interact, not in the network.
 """
 
@@ -16,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from research._common import (
     EVALUATION_SEED,
     add_extra_layers_arg,
     add_world_and_teacher_args,
@@ -37,11 +32,17 @@ from _common import (  # noqa: E402
     sample_and_score,
     save_weights,
 )
+from sim_diffusers.generator import one_step_generate
+from sim_diffusers.ground_truth import (
+    default_cache_dir,
+    evaluate_pipeline_latents,
+    sample_teacher_latents,
+    teacher_cache_key,
+)
+from sim_diffusers.losses import regression_loss
+from sim_diffusers.sampling import teacher_ode_sample
 
-from sim_diffusers.generator import guided_eps, one_step_generate  # noqa: E402
-from sim_diffusers.ground_truth import evaluate_pipeline_latents, sample_teacher_latents, teacher_cache_key  # noqa: E402
-from sim_diffusers.losses import regression_loss  # noqa: E402
-from sim_diffusers.sampling import dpm_solver_sample  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(input_args=None):
@@ -74,19 +75,17 @@ def main(args):
     rng = torch.Generator().manual_seed(args.seed)
     shape = world.latent_shape
 
-    @torch.no_grad()
     def ode_targets(z, idx):
-        def eps_fn(x_t, t):
-            return guided_eps(teacher, x_t, t, embeds[idx], mask[idx], empty_embeds.expand(len(idx), -1, -1),
-                              empty_mask.expand(len(idx), -1), 1.0)
-        return dpm_solver_sample(eps_fn, teacher_pipe.scheduler, z, args.num_inference_steps)
+        return teacher_ode_sample(teacher, teacher_pipe.scheduler, z, embeds[idx], mask[idx],
+                                  empty_embeds.expand(len(idx), -1, -1), empty_mask.expand(len(idx), -1), 1.0,
+                                  args.num_inference_steps)
 
     start = time.time()
     pool = None
     if args.num_pairs > 0:
         from safetensors.torch import load_file, save_file
 
-        cache = Path(args.cache_dir or REPO / ".cache" / "ground_truth") / (
+        cache = Path(args.cache_dir or default_cache_dir()) / (
             f"ode_pairs_{teacher_cache_key(world, config)}_{args.num_pairs}"
             f"_{args.num_inference_steps}_{args.seed}.safetensors")
         if cache.exists():

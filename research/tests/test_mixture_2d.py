@@ -1,6 +1,6 @@
 """2-D distillation with the `sim` divergence: a one-step generator must cover every mode of a Gaussian mixture.
 
-The teacher is the four-mode mixture of `sim_diffusers.toy2d.default_mixture` (weights 0.4 / 0.3 / 0.2 / 0.1) with an
+The teacher is the four-mode mixture of `research.toy2d.default_mixture` (weights 0.4 / 0.3 / 0.2 / 0.1) with an
 exact diffused score; generator and fake score are small MLPs started from the teacher (see toy2d's docstring). The
 thresholds come from reference samplers measured here, not from the trained run:
 - energy distance below 10 times its noise floor (two exact sample sets of the same size). A sampler that misses only
@@ -13,7 +13,7 @@ About 20-40 s on two busy CPU cores.
 
 import torch
 
-from sim_diffusers.toy2d import GaussianMixture2D, Toy2DConfig, default_mixture, energy_distance, evaluate, train
+from research.toy2d import GaussianMixture2D, Toy2DConfig, default_mixture, energy_distance, evaluate, train
 
 ENERGY_FLOOR_FACTOR = 10.0
 MIN_COVERAGE = 0.5

@@ -1,31 +1,27 @@
-#!/usr/bin/env python
 """Fast in-process screening of SIM settings on the ground-truth teacher (no accelerate launch, no checkpoints).
 
-    python benchmarks/ground_truth/screen.py --name plain --steps 300
-    python benchmarks/ground_truth/screen.py --name regression --steps 400 --regression_weight 1
+    python -m research.screen --name plain --steps 300
+    python -m research.screen --name regression --steps 400 --regression_weight 1
 
 The same package functions as the trainer (`one_step_generate`, `ScoreNetworks`, `fake_score_update_loss`,
 `generator_update_loss`, `teacher_ode_targets`' sampler) on captions drawn uniformly, with one torch RNG for the whole run
 (so runs with the same seed share their first steps exactly). It scores the live generator every --eval_every steps
-(256 samples per caption, the same noise as distill.py) and appends one JSON line per run to --out. It exists to try many
-settings in minutes; `distill.py` (the real trainer through `accelerate launch`, reloaded with `from_pretrained`) is the
-benchmark whose numbers the defaults rest on. docs/ground_truth.md lists what was screened.
+(256 samples per caption, the same noise as benchmarks.ground_truth.distill) and appends one JSON line per run to
+--out. It exists to try many settings in minutes; `benchmarks.ground_truth.distill` (the real trainer through
+`accelerate launch`, reloaded with `from_pretrained`) is the benchmark whose numbers the defaults rest on.
+research/NOTEBOOK.md lists what was screened.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
+from research._common import (
     add_extra_layers_arg,
     add_world_and_teacher_args,
     append_record,
@@ -34,18 +30,16 @@ from _common import (  # noqa: E402
     load_weights,
     sample_and_score,
     save_weights,
+    tolerant_regression_loss,
 )
+from sim_diffusers.generator import guided_eps, one_step_generate, predict_eps
+from sim_diffusers.losses import get_divergence, regression_loss
+from sim_diffusers.sampling import dpm_solver_sample
+from sim_diffusers.schedule import diffuse
+from sim_diffusers.training.models import ScoreNetworks
+from sim_diffusers.training.step import Conditioning, fake_score_update_loss, generator_update_loss
 
-from sim_diffusers.generator import guided_eps, one_step_generate, predict_eps  # noqa: E402
-from sim_diffusers.losses import get_divergence, regression_loss  # noqa: E402
-from sim_diffusers.sampling import dpm_solver_sample  # noqa: E402
-from sim_diffusers.training.models import ScoreNetworks  # noqa: E402
-from sim_diffusers.training.step import (  # noqa: E402
-    Conditioning,
-    diffuse,
-    fake_score_update_loss,
-    generator_update_loss,
-)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(input_args=None):
@@ -177,8 +171,8 @@ def main(args):
             cost = torch.cdist(x0.detach().flatten(1), target.flatten(1)).square()
             target = target[torch.as_tensor(linear_sum_assignment(cost.numpy())[1])]
         if args.regression_space == "x0":
-            loss = regression_loss(x0, target, args.regression_distance, args.regression_huber_c,
-                                   args.regression_tolerance).mean()
+            loss = tolerant_regression_loss(x0, target, args.regression_distance, args.regression_huber_c,
+                                            args.regression_tolerance).mean()
             return loss, (adversarial(x0, target, cond) if args.gan_weight > 0 else 0.0)
         t = draw_timesteps(size, args.regression_t_low, args.regression_t_high)
         alpha, sigma = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1), (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)

@@ -1,9 +1,9 @@
 """What the off-mode samples look like: global blends of two modes, or samples whose regions follow different modes.
 
-Scores generators (checkpoint or pipeline folders of `distill.py` runs) and the teacher at a few solver steps on the
-evaluation noise, and breaks their off-mode samples down with `sim_diffusers.ground_truth.off_mode_anatomy`:
+Scores generators (checkpoint or pipeline folders of `benchmarks.ground_truth.distill` runs) and the teacher at a
+few solver steps on the evaluation noise, and breaks their off-mode samples down with `research.diagnostics.off_mode_anatomy`:
 
-    python benchmarks/ground_truth/anatomy.py outputs/ground_truth/runs/sim-seed0/checkpoint-1400 --teacher_steps 8 20
+    python -m research.anatomy outputs/ground_truth/runs/sim-seed0/checkpoint-1400 --teacher_steps 8 20
 
 Each row: fidelity, the off-mode fraction, and over off-mode samples the share of contested blocks (those where the
 sample's two nearest modes differ) committed to the nearest mode, to the second, or in between, and the fraction of
@@ -13,12 +13,9 @@ off-mode samples whose contested blocks disagree (some near one mode, some near 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-from _common import (  # noqa: E402
+from research import _common
+from research._common import (
     EVALUATION_SEED,
     add_world_and_teacher_args,
     generator_path,
@@ -40,7 +37,8 @@ def parse_args(input_args=None):
 
 
 def row(world, latents) -> dict:
-    from sim_diffusers.ground_truth import evaluate_pipeline_latents, off_mode_anatomy
+    from research.diagnostics import off_mode_anatomy
+    from sim_diffusers.ground_truth import evaluate_pipeline_latents
 
     parts = [off_mode_anatomy(world, i, x) for i, x in enumerate(latents)]
     mean = {key: sum(p[key] for p in parts) / len(parts) for key in COLUMNS[1:]}

@@ -11,7 +11,7 @@ Training alternates fake-score steps (denoising score matching on detached gener
 (the chosen divergence), with t ~ U{t_min..t_max}, PixArt's linear-beta schedule, Adam with SiD's betas (0, 0.999)
 and an EMA of the generator (what is evaluated). `generator_init="random"` drops the teacher term from eps_G.
 
-Run `python -m sim_diffusers.toy2d` for a side-by-side table of the divergences (energy distance to the mixture, its
+Run `python -m research.toy2d` (from the repository root) for a side-by-side table of the divergences (energy distance to the mixture, its
 noise floor, mode weights and their total variation to the true weights). Only torch is imported.
 """
 
@@ -37,7 +37,7 @@ from sim_diffusers.losses import (
     sample_timesteps,
     step_is_finite,
 )
-from sim_diffusers.schedule import DEFAULT_SIGMA_INIT, alpha_sigma, timestep_for_ve_sigma
+from sim_diffusers.schedule import DEFAULT_SIGMA_INIT, alpha_sigma, diffuse, timestep_for_ve_sigma
 
 
 def pixart_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -224,9 +224,9 @@ def train(config: Toy2DConfig, mixture: GaussianMixture2D | None = None) -> tupl
 
     def noisy(x0):
         t = sample_timesteps(batch, t_min=config.t_min, t_max=config.t_max, generator=rng)
-        alpha, sigma = alpha_sigma(alphas_cumprod, t)
         eps = torch.randn(batch, 2, generator=rng)
-        return t, alpha, sigma, eps, alpha[:, None] * x0 + sigma[:, None] * eps
+        x_t, alpha, sigma = diffuse(x0, t, eps, alphas_cumprod)
+        return t, alpha, sigma, eps, x_t
 
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
