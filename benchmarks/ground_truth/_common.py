@@ -17,10 +17,13 @@ def add_world_and_teacher_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--world", choices=("default", "quick"), default="default",
                        help="default: 4 captions x 3 modes in a 4x8x8 latent; quick: 2 x 2 in 4x4x4, for CI.")
     group.add_argument("--world_seed", type=int, default=0)
-    group.add_argument("--train_steps", type=int, default=None, help="Override the teacher's training steps.")
-    group.add_argument("--batch_size", type=int, default=None)
-    group.add_argument("--learning_rate", type=float, default=None)
-    group.add_argument("--num_layers", type=int, default=None)
+    # Teacher training overrides (TeacherConfig); named apart from the distillation's options of the same kind.
+    group.add_argument("--teacher_train_steps", "--train_steps", dest="teacher_train_steps", type=int, default=None,
+                       help="Override the teacher's training steps.")
+    group.add_argument("--teacher_batch_size", type=int, default=None, help="Override the teacher's training batch.")
+    group.add_argument("--teacher_learning_rate", type=float, default=None, help="Override the teacher's learning rate.")
+    group.add_argument("--teacher_num_layers", "--num_layers", dest="teacher_num_layers", type=int, default=None,
+                       help="Transformer blocks of the teacher (and so of the generator that starts as its copy).")
     group.add_argument("--cache_dir", default=None,
                        help="Where teachers are cached. Default: $SIM_DIFFUSERS_CACHE/ground_truth if set, else "
                        "$XDG_CACHE_HOME (or ~/.cache)/sim_diffusers/ground_truth.")
@@ -35,8 +38,8 @@ def world_and_config(args) -> tuple[GaussianMixtureWorld, TeacherConfig]:
     torch.set_num_threads(args.num_threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
-    overrides = {k: getattr(args, k) for k in ("train_steps", "batch_size", "learning_rate", "num_layers")}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    names = ("train_steps", "batch_size", "learning_rate", "num_layers")
+    overrides = {k: getattr(args, f"teacher_{k}") for k in names if getattr(args, f"teacher_{k}") is not None}
     if args.world == "quick":
         return GaussianMixtureWorld.quick(seed=args.world_seed), TeacherConfig.quick(**overrides)
     return GaussianMixtureWorld(seed=args.world_seed), TeacherConfig(**overrides)
