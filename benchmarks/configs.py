@@ -49,22 +49,13 @@ import torch
 TEXT_TOKENS = 120  # PixArt-alpha's max_sequence_length
 TIMESTEP_PROJ_DIM = 256  # sinusoidal timestep (and micro-condition) features fed to the embedders
 
-_XL = dict(
-    num_attention_heads=16,
-    attention_head_dim=72,
-    in_channels=4,
-    out_channels=8,
-    num_layers=28,
-    cross_attention_dim=1152,
-    caption_channels=4096,
-    patch_size=2,
-    norm_type="ada_norm_single",
-    norm_elementwise_affine=False,
-    norm_eps=1e-6,
-    num_embeds_ada_norm=1000,
-    attention_bias=True,
-    activation_fn="gelu-approximate",
-)
+def _xl() -> dict:
+    """PixArt-XL-2's transformer: the tiny fixture's layout (ada_norm_single, learned sigma, ...) at full width."""
+    from sim_diffusers.testing import tiny_transformer_config
+
+    return tiny_transformer_config(
+        num_attention_heads=16, attention_head_dim=72, num_layers=28, cross_attention_dim=1152, caption_channels=4096,
+    )
 
 
 def transformer_config(name: str) -> dict:
@@ -79,9 +70,9 @@ def transformer_config(name: str) -> dict:
             caption_channels=MID_T5["d_model"], sample_size=32,
         )
     if name == "xl-512":
-        return dict(_XL, sample_size=64, interpolation_scale=1, use_additional_conditions=False)
+        return dict(_xl(), sample_size=64, interpolation_scale=1, use_additional_conditions=False)
     if name == "xl-1024":
-        return dict(_XL, sample_size=128, interpolation_scale=2, use_additional_conditions=True)
+        return dict(_xl(), sample_size=128, interpolation_scale=2, use_additional_conditions=True)
     raise ValueError(f"Unknown config {name!r}; valid: {', '.join(CONFIG_NAMES)}.")
 
 

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -186,14 +185,8 @@ def measure(args, variants, device, timer) -> list[dict]:
     return rows
 
 
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
-
-
 def main(args) -> dict:
-    from benchmarks.train_step import set_cpu_threads
+    from benchmarks.train_step import device_name, set_cpu_threads
 
     set_cpu_threads(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

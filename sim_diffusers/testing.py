@@ -184,3 +184,18 @@ def build_tiny_pixart_sigma_pipeline(output_dir: str | os.PathLike, seed: int = 
         data.update(update)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return output_dir
+
+
+def small_quick_world_teacher(cache_dir: str | os.PathLike):
+    """(teacher folder, its TeacherConfig): a 2-layer teacher of `GaussianMixtureWorld.quick()` trained for 100 steps
+    into `cache_dir`, a few seconds on one core: enough for tests of the ground-truth code to run on (not to
+    distil well)."""
+    from .ground_truth import GaussianMixtureWorld, TeacherConfig, load_or_build_teacher
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model trains fastest on one thread, above all on a shared machine
+    try:
+        config = TeacherConfig.quick(num_layers=2, train_steps=100, batch_size=32, warmup_steps=20)
+        return load_or_build_teacher(GaussianMixtureWorld.quick(), config, cache_dir=cache_dir), config
+    finally:
+        torch.set_num_threads(threads)

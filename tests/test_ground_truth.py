@@ -12,7 +12,6 @@ from sim_diffusers import SIMOneStepPipeline
 from sim_diffusers.generator import predict_eps
 from sim_diffusers.ground_truth import (
     GaussianMixtureWorld,
-    TeacherConfig,
     caption_metrics,
     chi_quantile,
     default_cache_dir,
@@ -214,15 +213,11 @@ def test_the_teacher_cache_is_a_user_cache_the_environment_can_move(monkeypatch,
 
 
 @pytest.fixture(scope="module")
-def quick_teacher(tmp_path_factory, world):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model trains fastest on one thread, above all on a shared machine
-    try:
-        config = TeacherConfig.quick(num_layers=2, train_steps=100, batch_size=32, warmup_steps=20)
-        path = load_or_build_teacher(world, config, cache_dir=tmp_path_factory.mktemp("ground_truth"))
-    finally:
-        torch.set_num_threads(threads)
-    return path, config
+def quick_teacher(tmp_path_factory):
+    """(teacher folder, its TeacherConfig) of the quick world, in a temporary cache (never the user's)."""
+    from sim_diffusers.testing import small_quick_world_teacher
+
+    return small_quick_world_teacher(tmp_path_factory.mktemp("ground_truth"))
 
 
 def test_quick_teacher_is_a_cached_pixart_pipeline_that_learned_the_exact_eps(quick_teacher, world, monkeypatch):

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from sim_diffusers.ground_truth import GaussianMixtureWorld, TeacherConfig, load_or_build_teacher
+from sim_diffusers.ground_truth import GaussianMixtureWorld
 
 # Tests never reach the Hub: fail fast instead of waiting on a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,13 +21,8 @@ def world():
 
 
 @pytest.fixture(scope="session")
-def quick_teacher(tmp_path_factory, world):
-    """(teacher folder, its TeacherConfig): 2 layers, 100 steps, enough for the instruments to run on."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model trains fastest on one thread, above all on a shared machine
-    try:
-        config = TeacherConfig.quick(num_layers=2, train_steps=100, batch_size=32, warmup_steps=20)
-        path = load_or_build_teacher(world, config, cache_dir=tmp_path_factory.mktemp("ground_truth"))
-    finally:
-        torch.set_num_threads(threads)
-    return path, config
+def quick_teacher(tmp_path_factory):
+    """(teacher folder, its TeacherConfig) of the quick world, in a temporary cache (never the user's)."""
+    from sim_diffusers.testing import small_quick_world_teacher
+
+    return small_quick_world_teacher(tmp_path_factory.mktemp("ground_truth"))
