@@ -71,6 +71,15 @@ def max_difference(a, b) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def perturb(module, seed, scale=0.05):
+    """Random, non-trivial weights, so that equivalence is checked away from initialisation symmetries."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
 def write_captions(path, captions) -> Path:
     path = Path(path)
     path.write_text("".join(c + "\n" for c in captions), encoding="utf-8")

@@ -5,20 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import perturb
 from diffusers import DDPMScheduler, PixArtAlphaPipeline
 from safetensors.torch import load_file
 
 from sim_diffusers import SIMOneStepPipeline
 from sim_diffusers.testing import tiny_transformer
 
-
-def perturb(module, seed, scale=0.05):
-    """Random, non-trivial weights, so that equivalence is checked away from initialisation symmetries."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from stock_diffusers import generate_with_stock_diffusers
 
@@ -19,13 +20,6 @@ from sim_diffusers import SIMOneStepPipeline
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "A photo of a blue dog sitting in the snow"]  # different token counts: masks must follow
 
-
-def perturb(module, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 def noise(batch, seed=0):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb
 from diffusers import DDPMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from safetensors.torch import load_file
 from stock_diffusers import generate_with_stock_diffusers
@@ -34,13 +35,6 @@ def sigma(sigma_path):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def perturb(module, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 def test_the_sigma_fixture_is_laid_out_as_the_published_repositories(sigma_path, sigma):
