@@ -25,7 +25,8 @@ extras = {
     "train": ["accelerate>=1.0", "datasets>=3.0", "peft>=0.17", "tensorboard"],
     "xformers": ["xformers"],
     "eval": ["torchmetrics>=1.4", "scipy"],
-    "test": ["pytest>=8"],
+    # ruff is pinned: `ruff format --check` must give the same verdict everywhere.
+    "test": ["pytest>=8", "ruff==0.17.6"],
 }
 extras["dev"] = sorted({dep for group in ("train", "eval", "test") for dep in extras[group]})
 

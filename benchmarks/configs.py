@@ -49,12 +49,17 @@ import torch
 TEXT_TOKENS = 120  # PixArt-alpha's max_sequence_length
 TIMESTEP_PROJ_DIM = 256  # sinusoidal timestep (and micro-condition) features fed to the embedders
 
+
 def _xl() -> dict:
     """PixArt-XL-2's transformer: the tiny fixture's layout (ada_norm_single, learned sigma, ...) at full width."""
     from sim_diffusers.testing import tiny_transformer_config
 
     return tiny_transformer_config(
-        num_attention_heads=16, attention_head_dim=72, num_layers=28, cross_attention_dim=1152, caption_channels=4096,
+        num_attention_heads=16,
+        attention_head_dim=72,
+        num_layers=28,
+        cross_attention_dim=1152,
+        caption_channels=4096,
     )
 
 
@@ -66,8 +71,12 @@ def transformer_config(name: str) -> dict:
         return tiny_transformer_config()
     if name == "mid":
         return tiny_transformer_config(
-            num_attention_heads=6, attention_head_dim=64, num_layers=8, cross_attention_dim=384,
-            caption_channels=MID_T5["d_model"], sample_size=32,
+            num_attention_heads=6,
+            attention_head_dim=64,
+            num_layers=8,
+            cross_attention_dim=384,
+            caption_channels=MID_T5["d_model"],
+            sample_size=32,
         )
     if name == "xl-512":
         return dict(_xl(), sample_size=64, interpolation_scale=1, use_additional_conditions=False)
@@ -111,8 +120,9 @@ def build_transformer(name: str, device="cpu", dtype=torch.float32, seed: int = 
     return _cast(model, dtype).eval()
 
 
-def random_text_conditioning(config: dict, batch_size: int, device="cpu", dtype=torch.float32, seed: int = 0,
-                             caption_tokens: int = 32):
+def random_text_conditioning(
+    config: dict, batch_size: int, device="cpu", dtype=torch.float32, seed: int = 0, caption_tokens: int = 32
+):
     """T5-shaped random embeddings: caption (B, 120, C) with `caption_tokens` valid tokens, and the empty prompt's
     (B, 120, C) with one valid token (`</s>`), as PixArt pads them. Returns (embeds, mask, neg_embeds, neg_mask)."""
     g = torch.Generator().manual_seed(seed)
@@ -134,8 +144,13 @@ def build_t5_encoder(shape: dict, vocab_size: int, device="cpu", dtype=torch.flo
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=vocab_size, relative_attention_num_buckets=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False, use_cache=False, **shape,
+        vocab_size=vocab_size,
+        relative_attention_num_buckets=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        **shape,
     )
     torch.manual_seed(seed)
     with torch.device(device):
@@ -150,9 +165,15 @@ def build_vae(block_out_channels, device="cpu", dtype=torch.float32, seed: int =
     torch.manual_seed(seed)
     with torch.device(device):
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=tuple(block_out_channels), norm_num_groups=math.gcd(*block_out_channels, 32),
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            scaling_factor=0.18215,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=tuple(block_out_channels),
+            norm_num_groups=math.gcd(*block_out_channels, 32),
         )
     return _cast(vae, dtype).eval()
 
@@ -205,8 +226,9 @@ def _linear(rows: int, fan_in: int, fan_out: int) -> int:
     return 2 * rows * fan_in * fan_out
 
 
-def transformer_forward_flops(config: dict, batch_size: int = 1, text_tokens: int = TEXT_TOKENS,
-                              lora_rank: int = 0) -> int:
+def transformer_forward_flops(
+    config: dict, batch_size: int = 1, text_tokens: int = TEXT_TOKENS, lora_rank: int = 0
+) -> int:
     """Matrix-multiply FLOPs of one PixArtTransformer2DModel forward (see the module docstring).
 
     lora_rank > 0 adds the LoRA adapters on to_q, to_k, to_v, to_out.0 of both attentions (x -> r -> out)."""
@@ -239,9 +261,16 @@ def transformer_forward_flops(config: dict, batch_size: int = 1, text_tokens: in
     return batch_size * f
 
 
-def sim_iteration_flops(config: dict, batch_size: int, guidance_scale: float = 4.5, needs_input_grad: bool = True,
-                        lora_rank: int = 0, regression_samples: float = 0.0, regression_steps: int = 8,
-                        warmup: bool = False) -> dict:
+def sim_iteration_flops(
+    config: dict,
+    batch_size: int,
+    guidance_scale: float = 4.5,
+    needs_input_grad: bool = True,
+    lora_rank: int = 0,
+    regression_samples: float = 0.0,
+    regression_steps: int = 8,
+    warmup: bool = False,
+) -> dict:
     """FLOPs of one SIM training iteration by pass (model FLOPs, no recomputation); see the module docstring.
 
     regression_samples: samples of the batch that get a teacher-ODE target (each `regression_steps` guided teacher
@@ -299,4 +328,3 @@ def fmt_flops(flops: float) -> str:
         if flops >= scale:
             return f"{flops / scale:.3g} {unit}"
     return f"{flops:.3g} FLOP"
-

@@ -37,18 +37,135 @@ MIN_JOB_S = 60
 
 # (name, script, arguments, cap in seconds). Order = priority.
 GPU_JOBS = [
-    ("train_xl-512", "train_step.py", ["--config", "xl-512", "--precision", "bf16", "--batch_size", "4", "--steps", "3", "--warmup", "1", "--ablations"], 110),
-    ("train_xl-1024", "train_step.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_size", "1", "--steps", "3", "--warmup", "1"], 100),
-    ("inference_xl-512", "inference.py", ["--config", "xl-512", "--precision", "bf16", "--batch_sizes", "1", "8", "--runs", "3"], 80),
-    ("inference_xl-1024", "inference.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_sizes", "1", "8", "--runs", "2"], 110),
-    ("inference_xl-1024_cached_taesd", "inference.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_sizes", "1", "8", "--teacher_steps", "20", "--runs", "2", "--cached_prompt_embeddings", "--tiny_vae"], 70),
-    ("train_xl-1024_checkpointing_b4", "train_step.py", ["--config", "xl-1024", "--precision", "bf16", "--batch_size", "4", "--gradient_checkpointing", "--steps", "2", "--warmup", "1", "--iteration_only", "--phases", "sim"], 70),
-    ("train_xl-512_lora64", "train_step.py", ["--config", "xl-512", "--precision", "bf16", "--batch_size", "4", "--lora_rank", "64", "--steps", "3", "--warmup", "1", "--iteration_only", "--phases", "sim"], 60),
-    ("train_xl-512_compile", "train_step.py", ["--config", "xl-512", "--precision", "bf16", "--batch_size", "4", "--compile", "--steps", "3", "--warmup", "1", "--iteration_only", "--phases", "sim"], 240),
+    (
+        "train_xl-512",
+        "train_step.py",
+        [
+            "--config",
+            "xl-512",
+            "--precision",
+            "bf16",
+            "--batch_size",
+            "4",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--ablations",
+        ],
+        110,
+    ),
+    (
+        "train_xl-1024",
+        "train_step.py",
+        ["--config", "xl-1024", "--precision", "bf16", "--batch_size", "1", "--steps", "3", "--warmup", "1"],
+        100,
+    ),
+    (
+        "inference_xl-512",
+        "inference.py",
+        ["--config", "xl-512", "--precision", "bf16", "--batch_sizes", "1", "8", "--runs", "3"],
+        80,
+    ),
+    (
+        "inference_xl-1024",
+        "inference.py",
+        ["--config", "xl-1024", "--precision", "bf16", "--batch_sizes", "1", "8", "--runs", "2"],
+        110,
+    ),
+    (
+        "inference_xl-1024_cached_taesd",
+        "inference.py",
+        [
+            "--config",
+            "xl-1024",
+            "--precision",
+            "bf16",
+            "--batch_sizes",
+            "1",
+            "8",
+            "--teacher_steps",
+            "20",
+            "--runs",
+            "2",
+            "--cached_prompt_embeddings",
+            "--tiny_vae",
+        ],
+        70,
+    ),
+    (
+        "train_xl-1024_checkpointing_b4",
+        "train_step.py",
+        [
+            "--config",
+            "xl-1024",
+            "--precision",
+            "bf16",
+            "--batch_size",
+            "4",
+            "--gradient_checkpointing",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--iteration_only",
+            "--phases",
+            "sim",
+        ],
+        70,
+    ),
+    (
+        "train_xl-512_lora64",
+        "train_step.py",
+        [
+            "--config",
+            "xl-512",
+            "--precision",
+            "bf16",
+            "--batch_size",
+            "4",
+            "--lora_rank",
+            "64",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--iteration_only",
+            "--phases",
+            "sim",
+        ],
+        60,
+    ),
+    (
+        "train_xl-512_compile",
+        "train_step.py",
+        [
+            "--config",
+            "xl-512",
+            "--precision",
+            "bf16",
+            "--batch_size",
+            "4",
+            "--compile",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--iteration_only",
+            "--phases",
+            "sim",
+        ],
+        240,
+    ),
 ]
 SMOKE_JOBS = [
     ("train_tiny", "train_step.py", ["--config", "tiny", "--steps", "1", "--warmup", "0", "--ablations"], 120),
-    ("inference_tiny", "inference.py", ["--config", "tiny", "--batch_sizes", "1", "--teacher_steps", "2", "--runs", "1", "--warmup", "0"], 120),
+    (
+        "inference_tiny",
+        "inference.py",
+        ["--config", "tiny", "--batch_sizes", "1", "--teacher_steps", "2", "--runs", "1", "--warmup", "0"],
+        120,
+    ),
 ]
 
 
@@ -56,7 +173,9 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_results"), help="Output folder (default: $OUT).")
     parser.add_argument("--budget_s", type=float, default=330.0, help="Wall-clock budget of all jobs together.")
-    parser.add_argument("--prepare", action="store_true", help="Pack the packages the device lacks into .gpu_site/ and exit.")
+    parser.add_argument(
+        "--prepare", action="store_true", help="Pack the packages the device lacks into .gpu_site/ and exit."
+    )
     parser.add_argument("--smoke", action="store_true", help="Run the orchestration with tiny jobs (CPU is fine).")
     parser.add_argument("--only", nargs="*", default=None, help="Run only these job names.")
     return parser.parse_args(input_args)
@@ -145,9 +264,14 @@ def _mib(n):
 
 
 def markdown(results: dict, header: str) -> str:
-    lines = [header, "", "### Training iteration (phase sim: after the regression warm-up; warmup: during it)", "",
-             "| job | phase | device | ms/iter | samples/s | TFLOP/s | MFU | overhead | peak memory |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        header,
+        "",
+        "### Training iteration (phase sim: after the regression warm-up; warmup: during it)",
+        "",
+        "| job | phase | device | ms/iter | samples/s | TFLOP/s | MFU | overhead | peak memory |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, entry in results.items():
         r = entry.get("result")
         if not name.startswith("train"):
@@ -160,8 +284,10 @@ def markdown(results: dict, header: str) -> str:
             mfu = f"{100 * p['mfu']:.1f}%" if p.get("mfu") else "n/a"
             over = p["overhead_ratio"]
             over = f"{over:.3f}" if over == over else "-"  # NaN for --iteration_only jobs
-            lines.append(f"| {name} | {phase} | {r['device']} | {p['ms_per_iteration']:.1f} | {p['samples_per_s']:.2f} | "
-                         f"{p['achieved_tflops']:.3g} | {mfu} | {over} | {_mib(mem)} |")
+            lines.append(
+                f"| {name} | {phase} | {r['device']} | {p['ms_per_iteration']:.1f} | {p['samples_per_s']:.2f} | "
+                f"{p['achieved_tflops']:.3g} | {mfu} | {over} | {_mib(mem)} |"
+            )
     for name, entry in results.items():
         r = entry.get("result")
         if not (name.startswith("train") and r):
@@ -169,18 +295,29 @@ def markdown(results: dict, header: str) -> str:
         for phase, p in r["phases"].items():
             if not p["passes_ms"]:
                 continue
-            lines += ["", f"#### {name}, phase {phase}: passes alone (ms) and in-loop segments (ms)", "",
-                      "| pass | ms | | segment | ms |", "|---|---:|---|---|---:|"]
+            lines += [
+                "",
+                f"#### {name}, phase {phase}: passes alone (ms) and in-loop segments (ms)",
+                "",
+                "| pass | ms | | segment | ms |",
+                "|---|---:|---|---|---:|",
+            ]
             passes, segments = list(p["passes_ms"].items()), list(p["segments_ms"].items())
             for i in range(max(len(passes), len(segments))):
                 a = passes[i] if i < len(passes) else ("", None)
                 b = segments[i] if i < len(segments) else ("", None)
-                lines.append(f"| {a[0]} | {'' if a[1] is None else f'{a[1]:.1f}'} | | {b[0]} | {'' if b[1] is None else f'{b[1]:.1f}'} |")
+                left = "" if a[1] is None else f"{a[1]:.1f}"
+                right = "" if b[1] is None else f"{b[1]:.1f}"
+                lines.append(f"| {a[0]} | {left} | | {b[0]} | {right} |")
         for k, v in r["ablations_ms"].items():
             lines.append(f"| ablation: {k} | {v:.1f} | | | |")
-    lines += ["", "### Inference", "",
-              "| job | pipeline | steps | batch | latency ms | img/s | T5 ms | transformer ms | VAE ms | other ms |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "### Inference",
+        "",
+        "| job | pipeline | steps | batch | latency ms | img/s | T5 ms | transformer ms | VAE ms | other ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, entry in results.items():
         if not name.startswith("inference"):
             continue
@@ -190,8 +327,11 @@ def markdown(results: dict, header: str) -> str:
             continue
         for x in r["rows"]:
             b = x["breakdown_ms"]
-            lines.append(f"| {name} | {x['pipeline']} | {x['steps']} | {x['batch_size']} | {x['latency_ms']:.1f} | "
-                         f"{x['images_per_s']:.2f} | {b['text_encoder']:.1f} | {b['transformer']:.1f} | {b['vae_decode']:.1f} | {b['other']:.1f} |")
+            lines.append(
+                f"| {name} | {x['pipeline']} | {x['steps']} | {x['batch_size']} | {x['latency_ms']:.1f} | "
+                f"{x['images_per_s']:.2f} | {b['text_encoder']:.1f} | {b['transformer']:.1f} | "
+                f"{b['vae_decode']:.1f} | {b['other']:.1f} |"
+            )
     skipped = [f"{k} ({v['status']})" for k, v in results.items() if v["status"] != "ok"]
     if skipped:
         lines += ["", "Not completed: " + ", ".join(skipped)]
@@ -213,13 +353,19 @@ def main(args) -> int:
 
     t0 = time.monotonic()
     if shutil.which("nvidia-smi") and not args.smoke:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm", "--format=csv"], capture_output=True, text=True, check=False)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm", "--format=csv"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         log(smi.stdout)
     jobs = SMOKE_JOBS if args.smoke else GPU_JOBS
     if args.only:
         jobs = [j for j in jobs if j[0] in args.only]
     results = run_jobs(jobs, out, args.budget_s, log)
-    header = f"## GPU check ({'smoke, ' if args.smoke else ''}{time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - t0:.0f} s)"
+    kind = "smoke, " if args.smoke else ""
+    header = f"## GPU check ({kind}{time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - t0:.0f} s)"
     (out / "gpu_results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results, header)
     (out / "gpu_results.md").write_text(table)

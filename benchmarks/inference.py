@@ -15,9 +15,9 @@ encoder, the transformer (all its calls) and the VAE decoder split the latency i
 decode and the rest (scheduler, latents, post-processing to PIL); on CUDA they synchronise, so the breakdown comes
 from separate hooked calls (see `measure`).
 
-Options: --cached_prompt_embeddings (T5 runs once beforehand; the pipelines get prompt_embeds, as a trainer's cache or a
-server with fixed prompts would), --tiny_vae (AutoencoderTiny with taesd's architecture, random weights, swapped in
-after construction as users do), --precision bf16, --compile (torch.compile of the transformer's and VAE decoder's
+Options: --cached_prompt_embeddings (T5 runs once beforehand; the pipelines get prompt_embeds, as a trainer's cache
+or a server with fixed prompts would), --tiny_vae (AutoencoderTiny with taesd's architecture, random weights, swapped
+in after construction as users do), --precision bf16, --compile (torch.compile of the transformer's and VAE decoder's
 forward). Captions are not cleaned (clean_caption=False) and resolution binning is off in both pipelines.
 """
 
@@ -42,16 +42,32 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", choices=configs.CONFIG_NAMES)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--teacher_steps", type=int, nargs="*", default=[20, 14], help="PixArtAlphaPipeline step counts (empty: one-step pipeline only).")
+    parser.add_argument(
+        "--teacher_steps",
+        type=int,
+        nargs="*",
+        default=[20, 14],
+        help="PixArtAlphaPipeline step counts (empty: one-step pipeline only).",
+    )
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--cached_prompt_embeddings", action="store_true", help="Encode the prompts once beforehand and pass prompt_embeds.")
-    parser.add_argument("--tiny_vae", action="store_true", help="AutoencoderTiny (taesd's architecture) instead of the KL VAE.")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's and the VAE decoder's forward.")
+    parser.add_argument(
+        "--cached_prompt_embeddings",
+        action="store_true",
+        help="Encode the prompts once beforehand and pass prompt_embeds.",
+    )
+    parser.add_argument(
+        "--tiny_vae", action="store_true", help="AutoencoderTiny (taesd's architecture) instead of the KL VAE."
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer's and the VAE decoder's forward."
+    )
     parser.add_argument("--output_type", default="pil", choices=["pil", "np", "pt"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default on CPU: 1, see docs/performance.md).")
+    parser.add_argument(
+        "--num_threads", type=int, default=None, help="torch CPU threads (default on CPU: 1, see docs/performance.md)."
+    )
     parser.add_argument("--json", default=None, metavar="OUT")
     return parser.parse_args(input_args)
 
@@ -86,6 +102,7 @@ class ComponentTimer:
                 return
             _sync(self.device)
             self._start[id(module)] = time.perf_counter()
+
         return hook
 
     def _post(self, name):
@@ -95,6 +112,7 @@ class ComponentTimer:
             _sync(self.device)
             self.totals[name] += time.perf_counter() - self._start.pop(id(module))
             self.calls[name] += 1
+
         return hook
 
     def remove(self):
@@ -110,7 +128,9 @@ def build_pipelines(args, device, dtype):
     components = configs.inference_components(args.config, device, dtype)
     teacher = PixArtAlphaPipeline(**components)
     one_step = SIMOneStepPipeline(
-        tokenizer=components["tokenizer"], text_encoder=components["text_encoder"], vae=components["vae"],
+        tokenizer=components["tokenizer"],
+        text_encoder=components["text_encoder"],
+        vae=components["vae"],
         transformer=components["transformer"],
         scheduler=DDPMScheduler.from_config(components["scheduler"].config, clip_sample=False),
     )
@@ -128,16 +148,24 @@ def build_pipelines(args, device, dtype):
 
 
 def _call_kwargs(args, pipe, batch_size, steps, cache, side):
-    kwargs = dict(height=side, width=side, output_type=args.output_type, use_resolution_binning=False, clean_caption=False)
+    kwargs = dict(
+        height=side, width=side, output_type=args.output_type, use_resolution_binning=False, clean_caption=False
+    )
     if steps is not None:
         kwargs.update(num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE)
     if cache is None:
         kwargs["prompt"] = [PROMPT] * batch_size
     else:
-        kwargs.update(prompt_embeds=cache["prompt_embeds"][:batch_size], prompt_attention_mask=cache["prompt_attention_mask"][:batch_size])
+        kwargs.update(
+            prompt_embeds=cache["prompt_embeds"][:batch_size],
+            prompt_attention_mask=cache["prompt_attention_mask"][:batch_size],
+        )
         if steps is not None:
-            kwargs.update(negative_prompt=None, negative_prompt_embeds=cache["negative_prompt_embeds"][:batch_size],
-                          negative_prompt_attention_mask=cache["negative_prompt_attention_mask"][:batch_size])
+            kwargs.update(
+                negative_prompt=None,
+                negative_prompt_embeds=cache["negative_prompt_embeds"][:batch_size],
+                negative_prompt_attention_mask=cache["negative_prompt_attention_mask"][:batch_size],
+            )
     return kwargs
 
 
@@ -180,8 +208,15 @@ def measure(args, variants, device, timer) -> list[dict]:
     for i, v in enumerate(variants):
         parts = {k: statistics.median(b[1][k] for b in breakdowns[i]) * 1e3 for k in timer.totals}
         parts["other"] = statistics.median(b[0] - sum(b[1].values()) for b in breakdowns[i]) * 1e3
-        rows.append({"latency_ms": statistics.median(latencies[i]) * 1e3, "latency_ms_runs": [t * 1e3 for t in latencies[i]],
-                     "breakdown_ms": parts, "calls": breakdowns[i][-1][2], "hooked_latency_ms": statistics.median(b[0] for b in breakdowns[i]) * 1e3})
+        rows.append(
+            {
+                "latency_ms": statistics.median(latencies[i]) * 1e3,
+                "latency_ms_runs": [t * 1e3 for t in latencies[i]],
+                "breakdown_ms": parts,
+                "calls": breakdowns[i][-1][2],
+                "hooked_latency_ms": statistics.median(b[0] for b in breakdowns[i]) * 1e3,
+            }
+        )
     return rows
 
 
@@ -197,14 +232,23 @@ def main(args) -> dict:
     build_s = time.perf_counter() - t0
     config = configs.transformer_config(args.config)
     side = config["sample_size"] * 8
-    modules = {"text_encoder": [teacher.text_encoder], "transformer": [teacher.transformer],
-               "vae_decode": [m for m in (teacher.vae.decoder, getattr(teacher.vae, "post_quant_conv", None)) if m is not None]}
+    modules = {
+        "text_encoder": [teacher.text_encoder],
+        "transformer": [teacher.transformer],
+        "vae_decode": [
+            m for m in (teacher.vae.decoder, getattr(teacher.vae, "post_quant_conv", None)) if m is not None
+        ],
+    }
 
     cache = None
     if args.cached_prompt_embeddings:
         with torch.no_grad():
-            pe, pm, ne, nm = teacher.encode_prompt([PROMPT] * max(args.batch_sizes), do_classifier_free_guidance=True, device=device)
-        cache = dict(prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne, negative_prompt_attention_mask=nm)
+            pe, pm, ne, nm = teacher.encode_prompt(
+                [PROMPT] * max(args.batch_sizes), do_classifier_free_guidance=True, device=device
+            )
+        cache = dict(
+            prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne, negative_prompt_attention_mask=nm
+        )
 
     forward = configs.transformer_forward_flops(config)
     timer = ComponentTimer(device, modules)
@@ -217,12 +261,21 @@ def main(args) -> dict:
                 v["kwargs"] = _call_kwargs(args, v["pipe"], batch_size, v["steps"], cache, side)
             for v, r in zip(variants, measure(args, variants, device, timer)):
                 steps = v["steps"]
-                r.update(pipeline=v["name"], steps=steps or 1, guidance_scale=None if steps is None else GUIDANCE_SCALE,
-                         batch_size=batch_size, images_per_s=batch_size / (r["latency_ms"] / 1e3),
-                         transformer_flops=(steps or 1) * forward * batch_size * (1 if steps is None else 2))
+                r.update(
+                    pipeline=v["name"],
+                    steps=steps or 1,
+                    guidance_scale=None if steps is None else GUIDANCE_SCALE,
+                    batch_size=batch_size,
+                    images_per_s=batch_size / (r["latency_ms"] / 1e3),
+                    transformer_flops=(steps or 1) * forward * batch_size * (1 if steps is None else 2),
+                )
                 rows.append(r)
-                print(f"{v['name']:13s} steps {r['steps']:3d} batch {batch_size:2d}: {r['latency_ms']:9.1f} ms, "
-                      f"{r['images_per_s']:7.2f} img/s | " + ", ".join(f"{k} {x:.1f}" for k, x in r["breakdown_ms"].items()), flush=True)
+                print(
+                    f"{v['name']:13s} steps {r['steps']:3d} batch {batch_size:2d}: {r['latency_ms']:9.1f} ms, "
+                    f"{r['images_per_s']:7.2f} img/s | "
+                    + ", ".join(f"{k} {x:.1f}" for k, x in r["breakdown_ms"].items()),
+                    flush=True,
+                )
     timer.remove()
 
     # One-step vs guided-teacher latency ratios at the same batch size.
@@ -235,9 +288,17 @@ def main(args) -> dict:
                 "end_to_end": statistics.median(a / b for a, b in zip(r["latency_ms_runs"], base["latency_ms_runs"])),
                 "transformer_only": r["breakdown_ms"]["transformer"] / base["breakdown_ms"]["transformer"],
             }
-    result = {"args": vars(args), "device": device_name(device), "torch": torch.__version__, "config": args.config,
-              "image_side_px": side, "build_s": build_s, "rows": rows, "ratios": ratios,
-              "memory": ({"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {})}
+    result = {
+        "args": vars(args),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "config": args.config,
+        "image_side_px": side,
+        "build_s": build_s,
+        "rows": rows,
+        "ratios": ratios,
+        "memory": ({"peak_allocated_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}),
+    }
     print_report(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +314,11 @@ def print_report(r: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for x in r["rows"]:
         b = x["breakdown_ms"]
-        print(f"| {x['pipeline']} | {x['steps']} | {x['batch_size']} | {x['latency_ms']:.1f} | {x['images_per_s']:.2f} | "
-              f"{b['text_encoder']:.1f} | {b['transformer']:.1f} | {b['vae_decode']:.1f} | {b['other']:.1f} |")
+        print(
+            f"| {x['pipeline']} | {x['steps']} | {x['batch_size']} | {x['latency_ms']:.1f} | "
+            f"{x['images_per_s']:.2f} | "
+            f"{b['text_encoder']:.1f} | {b['transformer']:.1f} | {b['vae_decode']:.1f} | {b['other']:.1f} |"
+        )
     for k, v in r["ratios"].items():
         print(f"{k}: end-to-end {v['end_to_end']:.1f}x, transformer only {v['transformer_only']:.1f}x")
 

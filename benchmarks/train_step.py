@@ -61,16 +61,31 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--config", default="tiny", choices=configs.CONFIG_NAMES, help="Transformer architecture.")
-    g.add_argument("--batch_size", type=int, default=4,
-                   help="Samples per iteration (the trainer's default 4: one regression target per SIM step).")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: Accelerate's bf16 mixed precision with a bf16 teacher, fp32 trainable weights (as the "
-                   "trainer's --mixed_precision bf16).")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Checkpoint generator, teacher and fake score (as the trainer).")
+    g.add_argument(
+        "--batch_size",
+        type=int,
+        default=4,
+        help="Samples per iteration (the trainer's default 4: one regression target per SIM step).",
+    )
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: Accelerate's bf16 mixed precision with a bf16 teacher, fp32 trainable weights (as the "
+        "trainer's --mixed_precision bf16).",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Checkpoint generator, teacher and fake score (as the trainer).",
+    )
     g.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="Attention kernel.")
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformers (Module.compile, after prepare).")
-    g.add_argument("--lora_rank", type=int, default=0, help="0: full-copy fake score; >0: LoRA fake score of this rank.")
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformers (Module.compile, after prepare)."
+    )
+    g.add_argument(
+        "--lora_rank", type=int, default=0, help="0: full-copy fake score; >0: LoRA fake score of this rank."
+    )
     g.add_argument("--divergence", default=IterationConfig.divergence, help="sim, sim_l2, sid or dmd.")
     g.add_argument("--no_ema", action="store_true", help="Leave out the generator EMA.")
     g = parser.add_argument_group("measurement")
@@ -78,10 +93,15 @@ def parse_args(input_args=None):
     g.add_argument("--steps", type=int, default=5, help="Timed rounds.")
     g.add_argument("--warmup", type=int, default=1, help="Untimed rounds first (compilation, allocator, caches).")
     g.add_argument("--ablations", action="store_true", help="Also time the variants listed in the docstring.")
-    g.add_argument("--iteration_only", action="store_true",
-                   help="Time only the full iterations (no segments, no isolated passes): for memory and A/B runs.")
+    g.add_argument(
+        "--iteration_only",
+        action="store_true",
+        help="Time only the full iterations (no segments, no isolated passes): for memory and A/B runs.",
+    )
     g.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    g.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default on CPU: 1, see docs/performance.md).")
+    g.add_argument(
+        "--num_threads", type=int, default=None, help="torch CPU threads (default on CPU: 1, see docs/performance.md)."
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", default=None, metavar="OUT", help="Write all results to this JSON file.")
     return parser.parse_args(input_args)
@@ -119,8 +139,13 @@ class Setup:
         return MicroBatch(self.batch.conditioning, self.batch.randomness, range(step * b, step * b + b))
 
 
-def build(args, teacher_pipe=None, iteration_config: IterationConfig | None = None,
-          optimizer_config: OptimizerConfig | None = None, batch: MicroBatch | None = None) -> Setup:
+def build(
+    args,
+    teacher_pipe=None,
+    iteration_config: IterationConfig | None = None,
+    optimizer_config: OptimizerConfig | None = None,
+    batch: MicroBatch | None = None,
+) -> Setup:
     """Networks, optimisers and the iteration, as the trainer builds them.
 
     teacher_pipe: a loaded PixArtAlphaPipeline whose transformer and scheduler to use instead of a random
@@ -170,7 +195,13 @@ def build(args, teacher_pipe=None, iteration_config: IterationConfig | None = No
             module.compile()
     ema = None
     if not args.no_ema:
-        ema = EMAModel(generator.parameters(), decay=EMA_DECAY, model_cls=type(generator), model_config=generator.config, foreach=True)
+        ema = EMAModel(
+            generator.parameters(),
+            decay=EMA_DECAY,
+            model_cls=type(generator),
+            model_config=generator.config,
+            foreach=True,
+        )
         ema.to(device)
     models = TrainingModels(generator_p, networks, fake_p, opt_g, sched_g, opt_f, sched_f, ema)
     scheduler = ode_scheduler(teacher_scheduler)
@@ -186,8 +217,11 @@ def build(args, teacher_pipe=None, iteration_config: IterationConfig | None = No
         shape = (b, config["in_channels"], config["sample_size"], config["sample_size"])
         t_range = (DEFAULT_T_MIN, DEFAULT_T_MAX + 1)
         rnd = SampleRandomness(
-            torch.randn(shape, generator=gen), torch.randint(*t_range, (b,), generator=gen), torch.randn(shape, generator=gen),
-            torch.randint(*t_range, (b,), generator=gen), torch.randn(shape, generator=gen),
+            torch.randn(shape, generator=gen),
+            torch.randint(*t_range, (b,), generator=gen),
+            torch.randn(shape, generator=gen),
+            torch.randint(*t_range, (b,), generator=gen),
+            torch.randn(shape, generator=gen),
         ).to(device)
         batch = MicroBatch(Conditioning(embeds, mask, neg, neg_mask, added), rnd, range(b))
     return Setup(args, accelerator, device, weight_dtype, iteration, models, batch, scheduler)
@@ -230,7 +264,7 @@ class Clock:
         self._last = now
 
     def medians(self, prefix: str = "") -> dict[str, float]:
-        return {k[len(prefix):]: statistics.median(v) for k, v in self.samples.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: statistics.median(v) for k, v in self.samples.items() if k.startswith(prefix)}
 
 
 class _Segments(IterationHooks):
@@ -289,11 +323,19 @@ def _isolated_passes(s: Setup, clock: Clock, phase: str, step: int, ablations: b
 
         # Regression targets of the samples the iteration selects at this step (no backward).
         every = 1 if s.iteration.warming_up(step) else config.regression_every
-        index = torch.tensor([i for i, p in enumerate(batch.positions) if p % every == 0], dtype=torch.long, device=s.device)
+        index = torch.tensor(
+            [i for i, p in enumerate(batch.positions) if p % every == 0], dtype=torch.long, device=s.device
+        )
         if config.regression_loss_weight > 0 and len(index):
             clock.start()
-            teacher_ode_targets(net, s.ode_scheduler, rnd.noise[index], cond.select(index), config.guidance_scale,
-                                config.regression_num_inference_steps)
+            teacher_ode_targets(
+                net,
+                s.ode_scheduler,
+                rnd.noise[index],
+                cond.select(index),
+                config.guidance_scale,
+                config.regression_num_inference_steps,
+            )
             mark("regression_targets")
         if phase == "warmup":
             return
@@ -340,8 +382,16 @@ def _teacher_eps_two_forwards(s: Setup, x_t, batch: MicroBatch):
     g = s.iteration.config.guidance_scale
     with net.teacher_mode():
         args = (x_t.to(dtype), rnd.generator_timesteps)
-        eps_u = predict_eps(net.teacher, *args, cond.negative_prompt_embeds.to(dtype), cond.negative_prompt_attention_mask, cond.added_cond_kwargs)
-        eps_c = predict_eps(net.teacher, *args, cond.prompt_embeds.to(dtype), cond.prompt_attention_mask, cond.added_cond_kwargs)
+        eps_u = predict_eps(
+            net.teacher,
+            *args,
+            cond.negative_prompt_embeds.to(dtype),
+            cond.negative_prompt_attention_mask,
+            cond.added_cond_kwargs,
+        )
+        eps_c = predict_eps(
+            net.teacher, *args, cond.prompt_embeds.to(dtype), cond.prompt_attention_mask, cond.added_cond_kwargs
+        )
     return eps_u + g * (eps_c - eps_u)
 
 
@@ -353,8 +403,13 @@ def _ablation_variants(s: Setup) -> dict:
     d = OptimizerConfig()
     params = [p for p in s.models.generator.parameters() if p.requires_grad]
     return {
-        "adam_unfused": torch.optim.AdamW(params, lr=d.learning_rate, betas=(d.adam_beta1, d.adam_beta2),
-                                          weight_decay=d.adam_weight_decay, eps=d.adam_epsilon),
+        "adam_unfused": torch.optim.AdamW(
+            params,
+            lr=d.learning_rate,
+            betas=(d.adam_beta1, d.adam_beta2),
+            weight_decay=d.adam_weight_decay,
+            eps=d.adam_epsilon,
+        ),
         "ema_no_foreach": EMAModel(s.models.generator.parameters(), decay=EMA_DECAY, foreach=False),
     }
 
@@ -372,7 +427,9 @@ def _time_ablations(s: Setup, clock: Clock, step: int):
     _time(clock, "ablation/ema_no_foreach", lambda: s.extras["ema_no_foreach"].step(s.models.generator.parameters()))
 
 
-def run_rounds(s: Setup, rounds: int, phases, ablations: bool, iteration_only: bool = False, first_round: int = 0) -> Clock:
+def run_rounds(
+    s: Setup, rounds: int, phases, ablations: bool, iteration_only: bool = False, first_round: int = 0
+) -> Clock:
     clock = Clock(s.device)
     for r in range(first_round, first_round + rounds):
         for phase in phases:
@@ -389,18 +446,39 @@ def run_rounds(s: Setup, rounds: int, phases, ablations: bool, iteration_only: b
 
 
 ESSENTIAL_PASSES = {
-    "sim": ("generator_forward", "generator_backward", "fake_score_update_forward", "fake_score_update_backward",
-            "teacher_forward", "teacher_backward", "fake_score_forward", "fake_score_backward", "regression_targets",
-            "fake_score_optimizer_step", "generator_optimizer_step", "ema"),
-    "warmup": ("generator_forward", "generator_backward", "fake_score_update_forward", "fake_score_update_backward",
-               "regression_targets", "fake_score_optimizer_step", "generator_optimizer_step", "ema"),
+    "sim": (
+        "generator_forward",
+        "generator_backward",
+        "fake_score_update_forward",
+        "fake_score_update_backward",
+        "teacher_forward",
+        "teacher_backward",
+        "fake_score_forward",
+        "fake_score_backward",
+        "regression_targets",
+        "fake_score_optimizer_step",
+        "generator_optimizer_step",
+        "ema",
+    ),
+    "warmup": (
+        "generator_forward",
+        "generator_backward",
+        "fake_score_update_forward",
+        "fake_score_update_backward",
+        "regression_targets",
+        "fake_score_optimizer_step",
+        "generator_optimizer_step",
+        "ema",
+    ),
 }
 
 
 def per_round_overhead(clock: Clock, phase: str) -> float:
     """Median over rounds of iteration / sum of that round's passes (same load); nan without passes."""
     iterations = clock.samples.get(f"{phase}/iteration", [])
-    passes = [clock.samples[f"{phase}/pass/{k}"] for k in ESSENTIAL_PASSES[phase] if f"{phase}/pass/{k}" in clock.samples]
+    passes = [
+        clock.samples[f"{phase}/pass/{k}"] for k in ESSENTIAL_PASSES[phase] if f"{phase}/pass/{k}" in clock.samples
+    ]
     if not passes or any(len(p) != len(iterations) for p in passes):
         return float("nan")
     return statistics.median(it / sum(p[i] for p in passes) for i, it in enumerate(iterations))
@@ -425,7 +503,11 @@ def saved_activation_bytes(s: Setup) -> int:
     through saved-tensor hooks, each storage once, parameters excluded (autocast's low-precision weight copies are
     counted: they are held too). Under activation checkpointing only block inputs are kept, and those are counted."""
     models, iteration = s.models, s.iteration
-    params = {p.untyped_storage().data_ptr() for m in (models.generator, s.networks.teacher, s.networks.fake_score) for p in m.parameters()}
+    params = {
+        p.untyped_storage().data_ptr()
+        for m in (models.generator, s.networks.teacher, s.networks.fake_score)
+        for p in m.parameters()
+    }
     held: dict[int, int] = {}
 
     def pack(tensor):
@@ -448,7 +530,9 @@ def static_memory(s: Setup) -> dict:
 
     def state_bytes(opt):
         opt = getattr(opt, "optimizer", opt)  # AcceleratedOptimizer wraps the torch one
-        return configs.tensor_bytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+        return configs.tensor_bytes(
+            t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0
+        )
 
     models = s.models
     gen, teacher = models.generator, s.networks.teacher
@@ -474,7 +558,9 @@ def static_memory(s: Setup) -> dict:
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
+    )
 
 
 def set_cpu_threads(args) -> None:
@@ -494,12 +580,19 @@ def phase_result(s: Setup, clock: Clock, phase: str, config: dict) -> dict:
     essential_sum = sum(passes.values()) or float("nan")
     every = 1 if phase == "warmup" else iteration.config.regression_every
     step = s.step_of(phase, 0)
-    targets = sum(1 for r in range(args.steps) for p in s.batch_at(step + r).positions if p % every == 0) / max(args.steps, 1)
+    targets = sum(1 for r in range(args.steps) for p in s.batch_at(step + r).positions if p % every == 0) / max(
+        args.steps, 1
+    )
     if iteration.config.regression_loss_weight <= 0:
         targets = 0.0
     flops = configs.sim_iteration_flops(
-        config, args.batch_size, iteration.config.guidance_scale, iteration.divergence.needs_input_grad, args.lora_rank,
-        regression_samples=targets, regression_steps=iteration.config.regression_num_inference_steps,
+        config,
+        args.batch_size,
+        iteration.config.guidance_scale,
+        iteration.divergence.needs_input_grad,
+        args.lora_rank,
+        regression_samples=targets,
+        regression_steps=iteration.config.regression_num_inference_steps,
         warmup=phase == "warmup",
     )
     tflops = flops["total"] / iteration_s / 1e12
@@ -552,8 +645,10 @@ def main(args) -> dict:
         memory["peak_rss_bytes"] = _peak_rss_bytes()
         memory["rss_after_build_bytes"] = rss_after_build
         memory["rss_before_timed_rounds_bytes"] = rss_before
-        memory["method"] = ("CPU: ru_maxrss (process high-water mark); its rise over the RSS after building the networks "
-                            "estimates gradients + optimiser states + EMA + activations")
+        memory["method"] = (
+            "CPU: ru_maxrss (process high-water mark); its rise over the RSS after building the networks "
+            "estimates gradients + optimiser states + EMA + activations"
+        )
 
     teacher = s.networks.teacher
     lora_parameters = configs.count_parameters(teacher, True) if s.networks.lora else 0
@@ -584,19 +679,28 @@ def _mib(n):
 
 def print_report(r: dict) -> None:
     a = r["args"]
-    print(f"\n## SIM training iteration: {r['config']}, batch {a['batch_size']}, {a['precision']}, "
-          f"checkpointing {'on' if a['gradient_checkpointing'] else 'off'}, fake score "
-          f"{'LoRA r=' + str(a['lora_rank']) if a['lora_rank'] else 'full copy'}, divergence {a['divergence']}"
-          f"{', compiled' if a['compile'] else ''}")
-    print(f"device: {r['device']}; torch {r['torch']}; {r['parameters_per_transformer'] / 1e6:.2f} M parameters per transformer")
+    print(
+        f"\n## SIM training iteration: {r['config']}, batch {a['batch_size']}, {a['precision']}, "
+        f"checkpointing {'on' if a['gradient_checkpointing'] else 'off'}, fake score "
+        f"{'LoRA r=' + str(a['lora_rank']) if a['lora_rank'] else 'full copy'}, divergence {a['divergence']}"
+        f"{', compiled' if a['compile'] else ''}"
+    )
+    print(
+        f"device: {r['device']}; torch {r['torch']}; "
+        f"{r['parameters_per_transformer'] / 1e6:.2f} M parameters per transformer"
+    )
     for phase, p in r["phases"].items():
-        print(f"\n### phase {phase}: {p['ms_per_iteration']:.1f} ms/iteration, {p['samples_per_s']:.2f} samples/s, "
-              f"{p['regression_targets_per_iteration']:g} regression targets/iteration, "
-              f"{p['flops_per_iteration']['total'] / 1e12:.4g} TFLOP/iteration -> {p['achieved_tflops']:.3g} TFLOP/s"
-              + (f", MFU {100 * p['mfu']:.1f}% of {p['peak_bf16_tflops']:.0f} bf16" if p["mfu"] is not None else ""))
-        print(f"overhead (iteration / sum of passes, median over rounds): {p['overhead_ratio']:.3f}; ratio of medians "
-              f"{p['overhead_ratio_of_medians']:.3f} ({p['ms_per_iteration']:.1f} / {p['essential_sum_ms']:.1f} ms); "
-              f"in-loop segments sum {p['segments_sum_ms']:.1f} ms")
+        print(
+            f"\n### phase {phase}: {p['ms_per_iteration']:.1f} ms/iteration, {p['samples_per_s']:.2f} samples/s, "
+            f"{p['regression_targets_per_iteration']:g} regression targets/iteration, "
+            f"{p['flops_per_iteration']['total'] / 1e12:.4g} TFLOP/iteration -> {p['achieved_tflops']:.3g} TFLOP/s"
+            + (f", MFU {100 * p['mfu']:.1f}% of {p['peak_bf16_tflops']:.0f} bf16" if p["mfu"] is not None else "")
+        )
+        print(
+            f"overhead (iteration / sum of passes, median over rounds): {p['overhead_ratio']:.3f}; ratio of medians "
+            f"{p['overhead_ratio_of_medians']:.3f} ({p['ms_per_iteration']:.1f} / {p['essential_sum_ms']:.1f} ms); "
+            f"in-loop segments sum {p['segments_sum_ms']:.1f} ms"
+        )
         print("\n| pass (alone) | ms |\n|---|---:|")
         for k, v in p["passes_ms"].items():
             print(f"| {k} | {v:.2f} |")
@@ -609,9 +713,15 @@ def print_report(r: dict) -> None:
             print(f"| {k} | {v:.2f} |")
     m = r["memory"]
     if "peak_allocated_bytes" in m:
-        print(f"\npeak CUDA memory allocated {_mib(m['peak_allocated_bytes'])} (reserved {_mib(m['peak_reserved_bytes'])})")
+        print(
+            f"\npeak CUDA memory allocated {_mib(m['peak_allocated_bytes'])} "
+            f"(reserved {_mib(m['peak_reserved_bytes'])})"
+        )
     else:
-        print(f"\npeak RSS {_mib(m['peak_rss_bytes'])}; rise over RSS after build {_mib(m['peak_rss_bytes'] - m['rss_after_build_bytes'])}")
+        print(
+            f"\npeak RSS {_mib(m['peak_rss_bytes'])}; "
+            f"rise over RSS after build {_mib(m['peak_rss_bytes'] - m['rss_after_build_bytes'])}"
+        )
     print(f"saved for backward at the peak (activations, exact): {_mib(m['saved_for_backward_bytes_at_peak'])}")
     st = m["static_bytes"]
     print("static: " + ", ".join(f"{k} {_mib(v)}" for k, v in st.items() if isinstance(v, int)))

@@ -10,9 +10,9 @@
 
 A model is `[LABEL=]PATH[:STEPS[:GUIDANCE]]`: a Hub id or folder; a folder whose model_index.json names
 `SIMOneStepPipeline` is sampled in one step, a teacher with its own `PixArtAlphaPipeline` or `PixArtSigmaPipeline`
-(30 steps and guidance 4.5 unless given). Sample i uses caption i (cycling through the caption file) and seed `--seed + i` for every model, so
-the grid compares the same prompt and noise. Each metric's weights come from a Hub id or local path (see --help and
-docs/evaluation.md). Writes images/, results.json and report.html to --output_dir.
+(30 steps and guidance 4.5 unless given). Sample i uses caption i (cycling through the caption file) and seed
+`--seed + i` for every model, so the grid compares the same prompt and noise. Each metric's weights come from a Hub
+id or local path (see --help and docs/evaluation.md). Writes images/, results.json and report.html to --output_dir.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ import os
 import posixpath
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sim_diffusers.evaluation import get_scorer, scorer_class, summarize
-from sim_diffusers.evaluation import aesthetic, clip_score, imagereward, pickscore
+from sim_diffusers.evaluation import aesthetic, clip_score, get_scorer, imagereward, pickscore, scorer_class, summarize
 from sim_diffusers.evaluation.generation import (
     ModelSpec,
     default_captions_file,
@@ -60,40 +59,69 @@ def parse_args(input_args=None):
     )
 
     models = parser.add_argument_group("models and sampling")
-    models.add_argument("--model", dest="models", action="append", required=True, metavar="[LABEL=]PATH[:STEPS[:CFG]]",
-                        help="A model to compare; repeat for each. Hub id or folder.")
+    models.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        metavar="[LABEL=]PATH[:STEPS[:CFG]]",
+        help="A model to compare; repeat for each. Hub id or folder.",
+    )
     models.add_argument("--captions", default=default_captions_file(), help="Caption file, one per line.")
     models.add_argument("--num_samples", type=int, default=None, help="Images per model (default: one per caption).")
     models.add_argument("--seed", type=int, default=0, help="Sample i uses seed + i.")
     models.add_argument("--batch_size", type=int, default=8, help="Images per pipeline and scorer call.")
     models.add_argument("--resolution", type=int, default=None, help="Square size in pixels (default: the model's).")
-    models.add_argument("--no_resolution_binning", dest="resolution_binning", action="store_false",
-                        help="Sample at the exact resolution; needed for models not trained at 256/512/1024 px.")
+    models.add_argument(
+        "--no_resolution_binning",
+        dest="resolution_binning",
+        action="store_false",
+        help="Sample at the exact resolution; needed for models not trained at 256/512/1024 px.",
+    )
 
     metrics = parser.add_argument_group("metrics and their weights (Hub id or local path)")
-    metrics.add_argument("--metrics", default=DEFAULT_METRICS,
-                         help="Comma-separated, from: aesthetic, imagereward, pickscore, clip_score, fid.")
-    metrics.add_argument("--aesthetic_head", default=aesthetic.DEFAULT_HEAD,
-                         help="LAION aesthetic v2 head: .safetensors or upstream .pth (file, folder or 'repo:file').")
+    metrics.add_argument(
+        "--metrics",
+        default=DEFAULT_METRICS,
+        help="Comma-separated, from: aesthetic, imagereward, pickscore, clip_score, fid.",
+    )
+    metrics.add_argument(
+        "--aesthetic_head",
+        default=aesthetic.DEFAULT_HEAD,
+        help="LAION aesthetic v2 head: .safetensors or upstream .pth (file, folder or 'repo:file').",
+    )
     metrics.add_argument("--aesthetic_clip", default=aesthetic.DEFAULT_CLIP, help="CLIP ViT-L/14 for the head.")
-    metrics.add_argument("--imagereward_model", default=imagereward.DEFAULT_MODEL,
-                         help="Folder or Hub repo with upstream's ImageReward.pt and med_config.json.")
+    metrics.add_argument(
+        "--imagereward_model",
+        default=imagereward.DEFAULT_MODEL,
+        help="Folder or Hub repo with upstream's ImageReward.pt and med_config.json.",
+    )
     metrics.add_argument("--imagereward_tokenizer", default=imagereward.DEFAULT_TOKENIZER, help="bert-base-uncased.")
     metrics.add_argument("--pickscore_model", default=pickscore.DEFAULT_MODEL, help="PickScore CLIP-H.")
     metrics.add_argument("--pickscore_processor", default=pickscore.DEFAULT_PROCESSOR, help="Its CLIP-H processor.")
     metrics.add_argument("--clip_score_model", default=clip_score.DEFAULT_MODEL, help="A transformers CLIPModel.")
     metrics.add_argument("--clip_score_processor", default=None, help="Default: the model's own.")
-    metrics.add_argument("--fid_model", default=None,
-                         help="FID features: TorchScript file (e.g. inception-2015-12-05.pt) or a CLIP model.")
-    metrics.add_argument("--fid_reference", default=None,
-                         help="FID reference: a folder of images, or statistics (.safetensors with mu, sigma).")
+    metrics.add_argument(
+        "--fid_model",
+        default=None,
+        help="FID features: TorchScript file (e.g. inception-2015-12-05.pt) or a CLIP model.",
+    )
+    metrics.add_argument(
+        "--fid_reference",
+        default=None,
+        help="FID reference: a folder of images, or statistics (.safetensors with mu, sigma).",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", default="eval_results", help="Gets images/, results.json, report.html.")
     run.add_argument("--grid_size", type=int, default=12, help="Prompts shown in the report's image grid.")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Torch device.")
-    run.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                     help="Of pipelines and scorers (default: float16 on CUDA, float32 on CPU).")
+    run.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="Of pipelines and scorers (default: float16 on CUDA, float32 on CPU).",
+    )
     run.add_argument("--title", default="SIM one-step vs teacher", help="Heading of the report.")
     run.add_argument("--dry_run", action="store_true", help="Print the resolved configuration and exit.")
 
@@ -134,8 +162,13 @@ def generate_images(spec: ModelSpec, samples: list[dict], args, image_dir: str) 
         synchronize(args.device)
         start = time.perf_counter()
         images = generate(
-            pipe, spec, [s["prompt"] for s in batch], [s["seed"] for s in batch],
-            height=args.resolution, width=args.resolution, resolution_binning=args.resolution_binning,
+            pipe,
+            spec,
+            [s["prompt"] for s in batch],
+            [s["seed"] for s in batch],
+            height=args.resolution,
+            width=args.resolution,
+            resolution_binning=args.resolution_binning,
         )
         synchronize(args.device)
         timings.append(((time.perf_counter() - start), len(batch)))
@@ -176,8 +209,11 @@ def score_models(name: str, models: list[dict], samples: list[dict], args) -> No
             model["scores"][name] = scores.tolist()
             model["summary"][name] = summarize(scores)
         else:
-            model["summary"][name] = {"value": scorer.compute(), "n": len(model["images"]),
-                                      "reference_n": scorer.num_reference}
+            model["summary"][name] = {
+                "value": scorer.compute(),
+                "n": len(model["images"]),
+                "reference_n": scorer.num_reference,
+            }
             scorer.reset()
     del scorer
     free_memory()
@@ -193,12 +229,18 @@ def main(args):
     for name in args.metrics:
         cls = scorer_class(name)
         weights_argument, option_arguments = METRIC_ARGUMENTS[name]
-        metrics.append({
-            "name": name, "display_name": cls.display_name, "short_name": cls.short_name,
-            "higher_is_better": cls.higher_is_better, "per_image": cls.per_image, "note": cls.note,
-            "weights": getattr(args, weights_argument),
-            **{option: getattr(args, argument) for option, argument in option_arguments.items()},
-        })
+        metrics.append(
+            {
+                "name": name,
+                "display_name": cls.display_name,
+                "short_name": cls.short_name,
+                "higher_is_better": cls.higher_is_better,
+                "per_image": cls.per_image,
+                "note": cls.note,
+                "weights": getattr(args, weights_argument),
+                **{option: getattr(args, argument) for option, argument in option_arguments.items()},
+            }
+        )
     config = {k: v for k, v in vars(args).items() if k != "models"}
     if args.dry_run:
         print(json.dumps({"config": config, "models": [s.to_dict() for s in specs], "metrics": metrics}, indent=2))
@@ -210,8 +252,9 @@ def main(args):
     for i, spec in enumerate(specs):
         image_dir = posixpath.join("images", f"{i}-{slugify(spec.label)}")
         paths, seconds_per_image = generate_images(spec, samples, args, image_dir)
-        models.append({**spec.to_dict(), "images": paths, "seconds_per_image": seconds_per_image,
-                       "summary": {}, "scores": {}})
+        models.append(
+            {**spec.to_dict(), "images": paths, "seconds_per_image": seconds_per_image, "summary": {}, "scores": {}}
+        )
 
     # 3. Score: one scorer in memory at a time, over every model's images
     for metric in metrics:
@@ -220,7 +263,7 @@ def main(args):
     # 4. Write results.json and report.html
     results = {
         "title": args.title,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(sys.argv),
         "config": config,
         "metrics": metrics,

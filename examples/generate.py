@@ -30,9 +30,7 @@ def parse_args(input_args=None):
     parser.add_argument("--device", default=None, help="cuda, cpu, mps... (default: cuda if available).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: bf16 on CUDA, fp32 else.")
     parser.add_argument("--revision", default=None, help="Hub revision of --model.")
-    parser.add_argument(
-        "--no_resolution_binning", action="store_true", help="Generate at exactly --height x --width."
-    )
+    parser.add_argument("--no_resolution_binning", action="store_true", help="Generate at exactly --height x --width.")
     args = parser.parse_args(input_args)
     prompts = list(args.prompts)
     if args.prompt_file:

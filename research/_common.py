@@ -23,16 +23,21 @@ from sim_diffusers.losses import regression_loss
 
 def add_extra_layers_arg(parser: argparse.ArgumentParser) -> None:
     """--extra_layers (see `deepen`), refused at parse time when negative."""
+
     def non_negative(text: str) -> int:
         value = int(text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
         return value
 
-    parser.add_argument("--extra_layers", type=non_negative, default=0,
-                        help="Give the generator this many more transformer blocks than the teacher (copies of teacher "
-                        "blocks that start as identities, see deepen); to start SIM from such a fit, pass the same "
-                        "value to screen.py with --init_generator.")
+    parser.add_argument(
+        "--extra_layers",
+        type=non_negative,
+        default=0,
+        help="Give the generator this many more transformer blocks than the teacher (copies of teacher "
+        "blocks that start as identities, see deepen); to start SIM from such a fit, pass the same "
+        "value to screen.py with --init_generator.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,15 +121,18 @@ def deepen(model, extra_layers: int):
 
 def generator_path(text: str) -> Path:
     """Where a generator's weights are: a checkpoint, pipeline or transformer folder of `distill.py` (its
-    config.json), or a safetensors file of `screen.py --save` / `fit_ode_map.py --save`. Exits with one line if none."""
+    config.json), or a safetensors file of `screen.py --save` / `fit_ode_map.py --save`. Exits with one line if
+    none."""
     path = Path(text)
     if path.is_file() and path.suffix == ".safetensors":
         return path
     for candidate in (path / "generator", path / "transformer", path):
         if (candidate / "config.json").is_file():
             return candidate
-    raise SystemExit(f"error: {path} holds no generator (no config.json in it, its generator/ or its transformer/, "
-                     "and it is not a .safetensors file).")
+    raise SystemExit(
+        f"error: {path} holds no generator (no config.json in it, its generator/ or its transformer/, "
+        "and it is not a .safetensors file)."
+    )
 
 
 def load_generator(path: Path, teacher_transformer):
@@ -152,7 +160,9 @@ def load_weights(model, path) -> None:
 def markdown_table(rows: dict, columns) -> str:
     """One line per sampler (the keys of `rows`) with its `columns` to three decimals; a missing value prints nan."""
     lines = ["| sampler | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{r.get(c, math.nan):.3f}" for c in columns) + " |" for name, r in rows.items()]
+    lines += [
+        f"| {name} | " + " | ".join(f"{r.get(c, math.nan):.3f}" for c in columns) + " |" for name, r in rows.items()
+    ]
     return "\n".join(lines)
 
 
@@ -161,7 +171,10 @@ def append_record(args, curve, start: float) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
-        f.write(json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)}) + "\n")
+        f.write(
+            json.dumps({"name": args.name, "args": vars(args), "curve": curve, "seconds": round(time.time() - start)})
+            + "\n"
+        )
 
 
 def tolerant_regression_loss(x0, target, distance: str = "l2", huber_c=None, tolerance: float = 0.0):

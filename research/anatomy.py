@@ -1,7 +1,8 @@
 """What the off-mode samples look like: global blends of two modes, or samples whose regions follow different modes.
 
 Scores generators (checkpoint or pipeline folders of `benchmarks.ground_truth.distill` runs) and the teacher at a
-few solver steps on the evaluation noise, and breaks their off-mode samples down with `research.diagnostics.off_mode_anatomy`:
+few solver steps on the evaluation noise, and breaks their off-mode samples down with
+`research.diagnostics.off_mode_anatomy`:
 
     python -m research.anatomy outputs/ground_truth/runs/sim-seed0/checkpoint-1400 --teacher_steps 8 20
 
@@ -28,8 +29,19 @@ COLUMNS = ("fidelity", "off_mode", "committed_nearest", "committed_second", "in_
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("generators", nargs="*", help="Generators: checkpoint, pipeline or transformer folders, or safetensors of screen.py / fit_ode_map.py --save.")
-    parser.add_argument("--teacher_steps", type=int, nargs="*", default=[], help="Also the teacher with DPM-Solver++ at these steps (g = 1).")
+    parser.add_argument(
+        "generators",
+        nargs="*",
+        help="Generators: checkpoint, pipeline or transformer folders, or safetensors of screen.py / fit_ode_map.py "
+        "--save.",
+    )
+    parser.add_argument(
+        "--teacher_steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="Also the teacher with DPM-Solver++ at these steps (g = 1).",
+    )
     parser.add_argument("--untrained", action="store_true", help="Also the untrained one-step generator.")
     parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption.")
     add_world_and_teacher_args(parser)
@@ -58,9 +70,13 @@ def main(args) -> dict:
     one_step = SIMOneStepPipeline.from_teacher(teacher)
     rows = {}
     for steps in args.teacher_steps:
-        rows[f"teacher {steps} steps"] = row(world, sample_teacher_latents(teacher, world, args.num_samples, steps, seed=EVALUATION_SEED))
+        rows[f"teacher {steps} steps"] = row(
+            world, sample_teacher_latents(teacher, world, args.num_samples, steps, seed=EVALUATION_SEED)
+        )
     if args.untrained:
-        rows["untrained one-step generator"] = row(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED))
+        rows["untrained one-step generator"] = row(
+            world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED)
+        )
     for name, path in zip(args.generators, paths):
         one_step.transformer = load_generator(path, teacher.transformer)
         rows[name] = row(world, sample_pipeline_latents(one_step, world, args.num_samples, seed=EVALUATION_SEED))

@@ -30,8 +30,13 @@ def off_mode_anatomy(world: GaussianMixtureWorld, caption_idx: int, samples: tor
     own = world.patterns(world.means[caption_idx])  # (K, P)
     distances = torch.cdist(patterns, own)
     off = distances.min(dim=1).values >= world.fidelity_radius
-    result = {"off_mode": float(off.float().mean()), "committed_nearest": 0.0, "committed_second": 0.0,
-              "in_between": 0.0, "regionally_inconsistent": 0.0}
+    result = {
+        "off_mode": float(off.float().mean()),
+        "committed_nearest": 0.0,
+        "committed_second": 0.0,
+        "in_between": 0.0,
+        "regionally_inconsistent": 0.0,
+    }
     if not off.any():
         return result
     order = distances[off].argsort(dim=1)
@@ -42,8 +47,10 @@ def off_mode_anatomy(world: GaussianMixtureWorld, caption_idx: int, samples: tor
     share = lambda mask: float(((mask & contested).sum(dim=1) / counts).mean())  # noqa: E731
     spread = u.masked_fill(~contested, -math.inf).amax(dim=1) - u.masked_fill(~contested, math.inf).amin(dim=1)
     result.update(
-        committed_nearest=share(u > 0.75), committed_second=share(u < 0.25),
-        in_between=share((u >= 0.25) & (u <= 0.75)), regionally_inconsistent=float((spread > 0.5).float().mean()),
+        committed_nearest=share(u > 0.75),
+        committed_second=share(u < 0.25),
+        in_between=share((u >= 0.25) & (u <= 0.75)),
+        regionally_inconsistent=float((spread > 0.5).float().mean()),
     )
     return result
 
@@ -56,7 +63,9 @@ def _own_mode_labels(world: GaussianMixtureWorld, caption_idx: int, samples: tor
     return torch.where(nearest.values < world.fidelity_radius, nearest.indices, -1).reshape(samples.shape[:-3])
 
 
-def band_widths(world: GaussianMixtureWorld, caption_idx: int, line_samples: torch.Tensor, offsets: torch.Tensor) -> dict:
+def band_widths(
+    world: GaussianMixtureWorld, caption_idx: int, line_samples: torch.Tensor, offsets: torch.Tensor
+) -> dict:
     """How wide, in noise space, the off-mode band is that an off-mode sample's noise lies in.
 
     A sampler maps noise z ~ N(0, I) to latents; its off-mode samples come from the noise between the regions it sends
@@ -65,9 +74,10 @@ def band_widths(world: GaussianMixtureWorld, caption_idx: int, line_samples: tor
     through a line is the run of off-mode points around offset 0; its width is estimated as (points in the run) x
     spacing, unbiased when the band's edges fall anywhere between grid points.
 
-    Returns per line (M,): "width" (nan where the run reaches an end of the line), "censored" (it does), "between_modes"
-    (on-mode points of two different modes of the caption bound it) and "max_slope" (the largest latent distance
-    between neighbouring points over their noise distance: a lower bound on the map's local Lipschitz constant).
+    Returns per line (M,): "width" (nan where the run reaches an end of the line), "censored" (it does),
+    "between_modes" (on-mode points of two different modes of the caption bound it) and "max_slope" (the largest
+    latent distance between neighbouring points over their noise distance: a lower bound on the map's local Lipschitz
+    constant).
     """
     num_lines, num_points = line_samples.shape[:2]
     if offsets.shape != (num_points,) or not bool((offsets.diff() > 0).all()) or not bool((offsets == 0).any()):
@@ -111,8 +121,16 @@ def circle_crossings(world: GaussianMixtureWorld, caption_idx: int, circle_sampl
     """
     num_circles, num_points = circle_samples.shape[:2]
     labels = _own_mode_labels(world, caption_idx, circle_samples)
-    totals = dict(circles=num_circles, points=num_circles * num_points, off_mode=int((labels == -1).sum()),
-                  crossings=0, clean=0, band_points=0, excursion_points=0, circles_off_mode=0)
+    totals = dict(
+        circles=num_circles,
+        points=num_circles * num_points,
+        off_mode=int((labels == -1).sum()),
+        crossings=0,
+        clean=0,
+        band_points=0,
+        excursion_points=0,
+        circles_off_mode=0,
+    )
     for circle in labels.tolist():
         on = [k for k, label in enumerate(circle) if label != -1]
         if not on:
@@ -127,4 +145,3 @@ def circle_crossings(world: GaussianMixtureWorld, caption_idx: int, circle_sampl
             else:
                 totals["excursion_points"] += gap
     return totals
-

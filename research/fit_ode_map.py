@@ -7,8 +7,9 @@ teacher's ODE from each (DPM-Solver++, `--num_inference_steps`, guidance 1), and
 (initialised from the teacher at t*) to those pairs by regression only (`--distance`: mean squared error, or
 pseudo-Huber as the trainer's default), with no divergence and no fake score.
 It scores the generator on held-out noise (the same noise as benchmarks.ground_truth.distill and research.screen)
-every --eval_every steps and appends one JSON line to --out. If this fit stays blurry, the anchor alone cannot make samples sharp at this size; if
-it becomes sharp, the limit of SIM + regression lies in how the two terms interact, not in the network.
+every --eval_every steps and appends one JSON line to --out. If this fit stays blurry, the anchor alone cannot make
+samples sharp at this size; if it becomes sharp, the limit of SIM + regression lies in how the two terms interact,
+not in the network.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_and_teacher_args(parser)
     parser.add_argument("--name", default="fit")
-    parser.add_argument("--num_pairs", type=int, default=2048, help="Training pairs per caption (0: fresh pairs each step).")
+    parser.add_argument(
+        "--num_pairs", type=int, default=2048, help="Training pairs per caption (0: fresh pairs each step)."
+    )
     parser.add_argument("--num_inference_steps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval_every", type=int, default=500)
@@ -76,9 +79,17 @@ def main(args):
     shape = world.latent_shape
 
     def ode_targets(z, idx):
-        return teacher_ode_sample(teacher, teacher_pipe.scheduler, z, embeds[idx], mask[idx],
-                                  empty_embeds.expand(len(idx), -1, -1), empty_mask.expand(len(idx), -1), 1.0,
-                                  args.num_inference_steps)
+        return teacher_ode_sample(
+            teacher,
+            teacher_pipe.scheduler,
+            z,
+            embeds[idx],
+            mask[idx],
+            empty_embeds.expand(len(idx), -1, -1),
+            empty_mask.expand(len(idx), -1),
+            1.0,
+            args.num_inference_steps,
+        )
 
     start = time.time()
     pool = None
@@ -87,13 +98,14 @@ def main(args):
 
         cache = Path(args.cache_dir or default_cache_dir()) / (
             f"ode_pairs_{teacher_cache_key(world, config)}_{args.num_pairs}"
-            f"_{args.num_inference_steps}_{args.seed}.safetensors")
+            f"_{args.num_inference_steps}_{args.seed}.safetensors"
+        )
         if cache.exists():
             pool = tuple(load_file(cache)[k] for k in ("index", "noise", "target"))
         else:
             idx = torch.arange(world.num_captions).repeat_interleave(args.num_pairs)
             z = torch.randn((len(idx), *shape), generator=torch.Generator().manual_seed(args.seed + 1))
-            targets = torch.cat([ode_targets(z[i:i + 512], idx[i:i + 512]) for i in range(0, len(idx), 512)])
+            targets = torch.cat([ode_targets(z[i : i + 512], idx[i : i + 512]) for i in range(0, len(idx), 512)])
             pool = (idx, z, targets)
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file({"index": idx, "noise": z.contiguous(), "target": targets.contiguous()}, cache)
@@ -103,7 +115,9 @@ def main(args):
     opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, betas=(args.adam_beta1, 0.999), weight_decay=0.0)
 
     # The teacher's ODE solutions from the evaluation noise: the held-out regression error.
-    held_out = sample_teacher_latents(teacher_pipe, world, args.num_samples, args.num_inference_steps, seed=EVALUATION_SEED)
+    held_out = sample_teacher_latents(
+        teacher_pipe, world, args.num_samples, args.num_inference_steps, seed=EVALUATION_SEED
+    )
 
     def on_training_noise():
         # The same metrics on the first --num_samples training noises of each caption: a gap to the held-out scores
@@ -111,8 +125,10 @@ def main(args):
         n = min(args.num_samples, args.num_pairs)
         rows = [slice(c * args.num_pairs, c * args.num_pairs + n) for c in range(world.num_captions)]
         with evaluating(generator):
-            samples = [one_step_generate(generator, pool[1][r], t_star, alphas_cumprod, embeds[pool[0][r]], mask[pool[0][r]])
-                       for r in rows]
+            samples = [
+                one_step_generate(generator, pool[1][r], t_star, alphas_cumprod, embeds[pool[0][r]], mask[pool[0][r]])
+                for r in rows
+            ]
         metrics = evaluate_pipeline_latents(world, samples)["mean"]
         mse = mean_squared_error(samples, [pool[2][r] for r in rows])
         return {"fidelity": round(metrics["fidelity"], 4), "mmd": round(metrics["mmd"], 4), "mse": round(mse, 5)}

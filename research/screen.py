@@ -63,14 +63,25 @@ def parse_args(input_args=None):
     for config in (IterationConfig(), OptimizerConfig()):
         for f in dataclasses.fields(config):
             default = BENCHMARK_DEFAULTS.get(f.name, getattr(config, f.name))
-            kind = {"bool": _boolean, "int": int, "float": float, "str": str}[type(default).__name__] if default is not None else float
+            kind = (
+                {"bool": _boolean, "int": int, "float": float, "str": str}[type(default).__name__]
+                if default is not None
+                else float
+            )
             group.add_argument(f"--{f.name}", type=kind, default=default)
-    parser.add_argument("--regression_until", type=int, default=None,
-                        help="Train without the regression term from this step on (the warm-up, if any, still runs).")
+    parser.add_argument(
+        "--regression_until",
+        type=int,
+        default=None,
+        help="Train without the regression term from this step on (the warm-up, if any, still runs).",
+    )
     parser.add_argument("--ema_decay", type=float, default=None, help="Also score an EMA of the generator's weights.")
     add_extra_layers_arg(parser)
-    parser.add_argument("--init_generator", default=None,
-                        help="Start the generator from these weights (safetensors), e.g. fit_ode_map.py --save.")
+    parser.add_argument(
+        "--init_generator",
+        default=None,
+        help="Start the generator from these weights (safetensors), e.g. fit_ode_map.py --save.",
+    )
     parser.add_argument("--save", default=None, help="Save the final generator's weights here (safetensors).")
     parser.add_argument("--out", default=str(REPO / "outputs" / "ground_truth" / "screen.jsonl"))
     args = parser.parse_args(input_args)
@@ -117,7 +128,9 @@ def main(args):
         load_weights(generator, args.init_generator)
     networks = ScoreNetworks.build(copy.deepcopy(teacher), seed=args.seed)
     models = TrainingModels(
-        generator, networks, networks.fake_score,
+        generator,
+        networks,
+        networks.fake_score,
         *_interleave(build_optimisation(OptimizerConfig.from_namespace(args), generator, networks, args.steps)),
         EMAModel(generator.parameters(), decay=args.ema_decay, foreach=True) if args.ema_decay is not None else None,
     )
@@ -125,12 +138,25 @@ def main(args):
     scheduler, t_star = ode_scheduler(teacher_pipe.scheduler), one_step.conditioning_timestep
     alphas_cumprod = one_step.scheduler.alphas_cumprod
     iteration = SIMIteration(config, t_star, alphas_cumprod, scheduler)
-    without_anchor = SIMIteration(dataclasses.replace(config, regression_loss_weight=0.0), t_star, alphas_cumprod, scheduler)
-    stream = CaptionStream(list(world.captions), args.seed, args.train_batch_size, args.min_timestep, args.max_timestep)
+    without_anchor = SIMIteration(
+        dataclasses.replace(config, regression_loss_weight=0.0), t_star, alphas_cumprod, scheduler
+    )
+    stream = CaptionStream(
+        list(world.captions), args.seed, args.train_batch_size, args.min_timestep, args.max_timestep
+    )
     side = world.latent_shape[1]
     batches = StepBatches(
-        stream, WorldText(world, embeddings), generator, side * one_step.vae_scale_factor, world.latent_shape,
-        args.train_batch_size, 1, 0, 1, "cpu", torch.float32,
+        stream,
+        WorldText(world, embeddings),
+        generator,
+        side * one_step.vae_scale_factor,
+        world.latent_shape,
+        args.train_batch_size,
+        1,
+        0,
+        1,
+        "cpu",
+        torch.float32,
     )
     ops = LocalOps()
     torch.manual_seed(args.seed)
@@ -157,7 +183,8 @@ def main(args):
 
 
 def _interleave(optimisation):
-    """build_optimisation's (opt_g, opt_f, sched_g, sched_f) in TrainingModels' order (opt_g, sched_g, opt_f, sched_f)."""
+    """build_optimisation's (opt_g, opt_f, sched_g, sched_f) in TrainingModels' order: opt_g, sched_g, opt_f,
+    sched_f."""
     opt_g, opt_f, sched_g, sched_f = optimisation
     return opt_g, sched_g, opt_f, sched_f
 

@@ -11,8 +11,9 @@ Training alternates fake-score steps (denoising score matching on detached gener
 (the chosen divergence), with t ~ U{t_min..t_max}, PixArt's linear-beta schedule, Adam with SiD's betas (0, 0.999)
 and an EMA of the generator (what is evaluated). `generator_init="random"` drops the teacher term from eps_G.
 
-Run `python -m research.toy2d` (from the repository root) for a side-by-side table of the divergences (energy distance to the mixture, its
-noise floor, mode weights and their total variation to the true weights). Only torch is imported.
+Run `python -m research.toy2d` (from the repository root) for a side-by-side table of the divergences (energy
+distance to the mixture, its noise floor, mode weights and their total variation to the true weights). Only torch
+is imported.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def mode_report(x: torch.Tensor, mixture: GaussianMixture2D) -> dict:
 
 def energy_noise_floor(mixture: GaussianMixture2D, n: int, repeats: int, generator: torch.Generator) -> float:
     """Mean energy distance between two independent exact sample sets of size n: what a perfect generator scores."""
-    return sum(energy_distance(mixture.sample(n, generator), mixture.sample(n, generator)) for _ in range(repeats)) / repeats
+    return (
+        sum(energy_distance(mixture.sample(n, generator), mixture.sample(n, generator)) for _ in range(repeats))
+        / repeats
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

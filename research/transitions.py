@@ -4,17 +4,18 @@ A sampler of the world maps noise z ~ N(0, I) to latents; its prompt fidelity is
 sends onto a mode of the caption. Where the regions of noise sent to two different modes meet, the map either jumps
 (a clean boundary) or passes through a band of noise that lands in between: misses. To first order the misses in
 such bands weigh A x w, A the Gaussian surface measure of the boundary and w its mean band width (0 where clean).
-Gaussian isoperimetry bounds A from below once the modes' weights are fixed (cutting noise into parts of measure 0.5 /
-0.3 / 0.2 takes A >= 0.51 whatever the cut; two parallel cuts take 0.63-0.75), so at a given width the only way to fewer
-misses is fewer boundaries, that is fewer modes. A band is as wide as the noise distance over which the map carries
-its output from one mode to the other, so a map that stretches noise distances by at most L has w >= gap / L.
+Gaussian isoperimetry bounds A from below once the modes' weights are fixed (cutting noise into parts of measure
+0.5 / 0.3 / 0.2 takes A >= 0.51 whatever the cut; two parallel cuts take 0.63-0.75), so at a given width the only way
+to fewer misses is fewer boundaries, that is fewer modes. A band is as wide as the noise distance over which the map
+carries its output from one mode to the other, so a map that stretches noise distances by at most L has w >= gap / L.
 
 Two measurements, on the evaluation noise of every caption:
 - lines: through each of the first --max_lines misses, along the direction in which the miss moves fastest from its
   nearest mode towards its second (the gradient of d_nearest^2 - d_second^2 over block-mean patterns, as in the
   metrics), the map's outputs at --spacing for --half_length each way, measured by `research.diagnostics.band_widths`;
 - circles: --circles great circles z(theta) = cos(theta) z1 + sin(theta) z2 through pairs of the noise, every point
-  of which is N(0, I), counted by `research.diagnostics.circle_crossings`; their crossings estimate A (Gaussian Crofton formula).
+  of which is N(0, I), counted by `research.diagnostics.circle_crossings`; their crossings estimate A (Gaussian
+  Crofton formula).
 
     python -m research.transitions outputs/ground_truth/fits/fit_lr3e-4_2000.safetensors \
         --untrained --teacher_steps 8 20
@@ -47,21 +48,39 @@ from research._common import (
 )
 
 LINE_COLUMNS = ("fidelity", "between_modes", "censored", "median_width", "mean_width", "median_max_slope")
-CIRCLE_COLUMNS = ("circle_off_mode", "crossings_per_circle", "boundary_measure", "clean_crossings", "band_fraction",
-                  "boundary_mean_width")
+CIRCLE_COLUMNS = (
+    "circle_off_mode",
+    "crossings_per_circle",
+    "boundary_measure",
+    "clean_crossings",
+    "band_fraction",
+    "boundary_mean_width",
+)
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("generators", nargs="*",
-                        help="Generators: checkpoint, pipeline or transformer folders, or safetensors of screen.py / "
-                        "fit_ode_map.py --save.")
-    parser.add_argument("--teacher_steps", type=int, nargs="*", default=[],
-                        help="Also the teacher with DPM-Solver++ at these steps (g = 1), differentiated through the solver.")
+    parser.add_argument(
+        "generators",
+        nargs="*",
+        help="Generators: checkpoint, pipeline or transformer folders, or safetensors of screen.py / "
+        "fit_ode_map.py --save.",
+    )
+    parser.add_argument(
+        "--teacher_steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="Also the teacher with DPM-Solver++ at these steps (g = 1), differentiated through the solver.",
+    )
     parser.add_argument("--untrained", action="store_true", help="Also the untrained one-step generator.")
     parser.add_argument("--num_samples", type=int, default=256, help="Evaluation samples per caption.")
-    parser.add_argument("--max_lines", type=int, default=64, help="Lines through at most this many misses per caption.")
-    parser.add_argument("--half_length", type=float, default=3.0, help="Each line runs this far (noise units) each way.")
+    parser.add_argument(
+        "--max_lines", type=int, default=64, help="Lines through at most this many misses per caption."
+    )
+    parser.add_argument(
+        "--half_length", type=float, default=3.0, help="Each line runs this far (noise units) each way."
+    )
     parser.add_argument("--spacing", type=float, default=0.05, help="Noise distance between points on a line.")
     parser.add_argument("--circles", type=int, default=8, help="Great circles of noise per caption (0: none).")
     parser.add_argument("--circle_points", type=int, default=512, help="Evenly spaced points on each circle.")
@@ -180,7 +199,9 @@ def main(args) -> dict:
     teacher.transformer.requires_grad_(False).eval()
 
     def condition(caption_idx, batch):
-        return embeds[caption_idx : caption_idx + 1].expand(batch, -1, -1), mask[caption_idx : caption_idx + 1].expand(batch, -1)
+        return embeds[caption_idx : caption_idx + 1].expand(batch, -1, -1), mask[caption_idx : caption_idx + 1].expand(
+            batch, -1
+        )
 
     def one_step_map(model, caption_idx):
         return lambda z: one_step_generate(model, z, t_star, alphas_cumprod, *condition(caption_idx, len(z)))
@@ -188,7 +209,10 @@ def main(args) -> dict:
     def teacher_map(steps, caption_idx):
         def sample(z):
             cond = condition(caption_idx, len(z))
-            return dpm_solver_sample(lambda x_t, t: predict_eps(teacher.transformer, x_t, t, *cond), teacher.scheduler, z, steps)
+            return dpm_solver_sample(
+                lambda x_t, t: predict_eps(teacher.transformer, x_t, t, *cond), teacher.scheduler, z, steps
+            )
+
         return sample
 
     samplers = {f"teacher {steps} steps": lambda c, steps=steps: teacher_map(steps, c) for steps in args.teacher_steps}

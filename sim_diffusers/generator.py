@@ -116,7 +116,9 @@ def _alpha_sigma_at(alphas_cumprod: torch.Tensor, timestep: int, device) -> tupl
     return alpha_sigma(alphas_cumprod, torch.tensor(int(timestep), device=device))
 
 
-def scale_noise_to_conditioning_timestep(noise: torch.Tensor, alphas_cumprod: torch.Tensor, t_star: int) -> torch.Tensor:
+def scale_noise_to_conditioning_timestep(
+    noise: torch.Tensor, alphas_cumprod: torch.Tensor, t_star: int
+) -> torch.Tensor:
     """x_in = sigma_{t*} z: the noisy latent of t* whose signal is zero."""
     _, sigma_star = _alpha_sigma_at(alphas_cumprod, t_star, noise.device)
     return sigma_star * noise

@@ -18,8 +18,8 @@ docs/objective.md has the derivation. Only torch is imported here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -33,8 +33,8 @@ DEFAULT_T_MAX = 979
 # in its linear (L2-like) regime only while the per-element RMS of eps_teacher - eps_fake is below 0.03 sigma_t, and is
 # a unit vector (an L1-like, per-sample normalised gradient, like SiD's and DMD's per-sample normaliser) above it.
 # With t ~ U{20..979} (sigma_t from about 0.08 to 1) that switches to the linear regime only once teacher and fake
-# agree to between 0.002 (low t) and 0.03 (high t) per element, i.e. close to convergence. The paper does not state its c; revisit this with
-# a benchmark.
+# agree to between 0.002 (low t) and 0.03 (high t) per element, i.e. close to convergence. The paper does not state
+# its c; revisit this with a benchmark.
 DEFAULT_HUBER_C_PER_SQRT_ELEMENT = 0.03
 
 # Default w(t): sigma_t^2 turns score units back into epsilon units (y r sigma_t^2 = (eps_teacher - eps_fake) .
@@ -69,7 +69,9 @@ def _as_batch(value, batch_size: int, device, name: str) -> torch.Tensor:
     if value.numel() == 1:
         value = value.expand(batch_size)
     if value.numel() != batch_size:
-        raise ValueError(f"`{name}` must be a scalar or have one entry per sample ({batch_size}), got {value.numel()}.")
+        raise ValueError(
+            f"`{name}` must be a scalar or have one entry per sample ({batch_size}), got {value.numel()}."
+        )
     return value
 
 
@@ -173,7 +175,9 @@ WEIGHTINGS: dict[str, Callable] = {
 }
 
 
-def loss_weight(sigma: torch.Tensor, alpha: torch.Tensor | None = None, scheme: str = DEFAULT_WEIGHTING) -> torch.Tensor:
+def loss_weight(
+    sigma: torch.Tensor, alpha: torch.Tensor | None = None, scheme: str = DEFAULT_WEIGHTING
+) -> torch.Tensor:
     """w(t) per sample from sigma_t (B,) and alpha_t (B,), for a named scheme in WEIGHTINGS."""
     if scheme not in WEIGHTINGS:
         raise ValueError(f"Unknown weighting {scheme!r}; valid: {', '.join(WEIGHTINGS)}.")
@@ -268,8 +272,11 @@ def dmd_loss(
     return (0.5 * _dot(x_t - target, x_t - target)).mean()
 
 
-def fake_score_loss(eps_fake_pred: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Denoising score matching for the fake score, in epsilon units: mean over elements and batch of w ||eps_hat - eps||^2.
+def fake_score_loss(
+    eps_fake_pred: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Denoising score matching for the fake score, in epsilon units: mean over elements and batch of
+    w ||eps_hat - eps||^2.
 
     eps_fake_pred: (B, C, H, W) fake epsilon at x_t built from DETACHED generator samples; noise: the eps in x_t;
     weight: optional (B,) per-sample weight (None = 1, the usual epsilon-prediction loss).

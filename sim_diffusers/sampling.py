@@ -1,11 +1,11 @@
 """The teacher's multistep sampler: DPM-Solver++ as a plain function of an epsilon function, and the guided teacher's
-ODE solution from a given noise (the regression target of the trainer, `sim_diffusers.training.step.teacher_ode_targets`,
-and the teacher's sampler of the ground-truth benchmark)."""
+ODE solution from a given noise (the regression target of the trainer, `training.step.teacher_ode_targets`, and the
+teacher's sampler of the ground-truth benchmark)."""
 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -62,8 +62,15 @@ def teacher_ode_sample(
 
     def eps_fn(x_t, t):
         return guided_eps(
-            transformer, x_t.to(dtype), t, cond, prompt_attention_mask, uncond, negative_prompt_attention_mask,
-            guidance_scale, added_cond_kwargs,
+            transformer,
+            x_t.to(dtype),
+            t,
+            cond,
+            prompt_attention_mask,
+            uncond,
+            negative_prompt_attention_mask,
+            guidance_scale,
+            added_cond_kwargs,
         )
 
     return dpm_solver_sample(eps_fn, scheduler, noise, num_inference_steps)

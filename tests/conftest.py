@@ -20,7 +20,10 @@ TRAINER_SCRIPT = REPO / "training_scripts" / "train_sim_pixart.py"
 # One thread: runs that should agree agree to float precision whatever the machine's core count; a closed port as
 # the Hub's address, should offline mode ever be ignored.
 TRAINER_ENV = {
-    **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
     "HF_ENDPOINT": "http://127.0.0.1:9",
 }
 TRAINER_TIMEOUT_S = 600
@@ -30,11 +33,28 @@ def run_trainer(teacher, captions, output_dir, *args, processes=None, faults="",
     """train_sim_pixart.py on `teacher` and `captions` into `output_dir`: as a plain script (processes=None) or under
     `accelerate launch` with that many processes (gloo on CPU). `faults`: SIM_DIFFUSERS_TEST_FAULTS. With check, a
     non-zero exit fails the test with the trainer's stderr. The result carries `.listing`, output_dir's names."""
-    argv = ["--pretrained_model_name_or_path", str(teacher), "--caption_file", str(captions), "--output_dir", str(output_dir), *args]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(teacher),
+        "--caption_file",
+        str(captions),
+        "--output_dir",
+        str(output_dir),
+        *args,
+    ]
     if processes is None:
         cmd = [sys.executable, str(TRAINER_SCRIPT), *argv]
     else:
-        launch = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launch = [
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         if processes > 1:
             launch.insert(0, "--multi_gpu")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(TRAINER_SCRIPT), *argv]
@@ -99,4 +119,6 @@ def tiny_ms_teacher_path(tmp_path_factory):
     """A tiny PixArt-alpha pipeline folder shaped like PixArt-XL-2-1024-MS (resolution/aspect-ratio conditioned)."""
     from sim_diffusers.testing import build_tiny_pixart_pipeline
 
-    return build_tiny_pixart_pipeline(tmp_path_factory.mktemp("tiny_pixart_ms") / "teacher", seed=1, micro_conditions=True)
+    return build_tiny_pixart_pipeline(
+        tmp_path_factory.mktemp("tiny_pixart_ms") / "teacher", seed=1, micro_conditions=True
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-_SCRIPT = r'''
+_SCRIPT = r"""
 import importlib.abc, json, sys
 
 
@@ -44,9 +44,10 @@ outputs = {
 }
 leaked = sorted(m for m in sys.modules if m.split(".")[0] == "sim_diffusers")
 assert not leaked, leaked
-print(json.dumps({"module": type(pipe).__module__, "class": type(pipe).__name__, "config": dict(pipe.config)}, default=str))
+described = {"module": type(pipe).__module__, "class": type(pipe).__name__, "config": dict(pipe.config)}
+print(json.dumps(described, default=str))
 save_file({k: v.contiguous() for k, v in outputs.items()}, out_file)
-'''
+"""
 
 
 def generate_with_stock_diffusers(folder, prompts, z, work_dir, resave=None):
@@ -60,8 +61,19 @@ def generate_with_stock_diffusers(folder, prompts, z, work_dir, resave=None):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # The same number of threads as this process, so that both run the same CPU kernels.
     threads = str(torch.get_num_threads())
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(work_dir / "modules"), OMP_NUM_THREADS=threads)
-    args = [str(folder), str(work_dir / "inputs.safetensors"), json.dumps(prompts), str(resave or "-"), str(work_dir / "out.safetensors")]
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_MODULES_CACHE=str(work_dir / "modules"),
+        OMP_NUM_THREADS=threads,
+    )
+    args = [
+        str(folder),
+        str(work_dir / "inputs.safetensors"),
+        json.dumps(prompts),
+        str(resave or "-"),
+        str(work_dir / "out.safetensors"),
+    ]
     result = subprocess.run(
         [sys.executable, "-c", _SCRIPT, *args], cwd=work_dir, env=env, capture_output=True, text=True, timeout=300
     )

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-
-from benchmarks import configs
 from conftest import REPO as REPO_ROOT
 from conftest import component_weights, max_difference, run_trainer, write_captions
+
+from benchmarks import configs
 
 
 def _torch_counted_forward_flops(model, config, batch_size=2):
@@ -55,7 +55,8 @@ def test_flop_count_with_lora_adapters_agrees_with_torch_flop_counter():
 
 
 def test_xl_configs_are_the_published_architectures():
-    """Parameter counts of PixArt-XL-2-512x512 / -1024-MS (610.86 M / 611.35 M); forward FLOPs near 1.24 / 6.5 TFLOP."""
+    """Parameter counts of PixArt-XL-2-512x512 / -1024-MS (610.86 M / 611.35 M); forward FLOPs near 1.24 / 6.5
+    TFLOP."""
     for name, params, tflop in (("xl-512", 610.86e6, 1.24), ("xl-1024", 611.35e6, 6.5)):
         model = configs.build_transformer(name, device="meta")
         assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.01e6
@@ -70,12 +71,16 @@ def test_sim_iteration_flop_accounting():
     assert configs.sim_iteration_flops(config, 2, guidance_scale=1.0)["total"] == 10 * f
     lora = configs.sim_iteration_flops(config, 2, lora_rank=8)
     extra = configs.transformer_forward_flops(config, 2, lora_rank=8) - f
-    assert lora["total"] == 11 * f + 5 * extra  # update 2F + 3 x adapters; frozen F in the generator loss 2 x (F + adapters)
+    assert (
+        lora["total"] == 11 * f + 5 * extra
+    )  # update 2F + 3 x adapters; frozen F in the generator loss 2 x (F + adapters)
     # The default iteration: on average half a sample of the batch of 2 gets a target (one in four), each 8 guided
     # teacher forwards (16 per-sample forwards, so 8 per-sample forwards = 4f), no backward
     assert configs.sim_iteration_flops(config, 2, regression_samples=0.5)["total"] == 12 * f + 4 * f
     # The warm-up: no divergence, a target for every sample
-    assert configs.sim_iteration_flops(config, 2, regression_samples=2, warmup=True)["total"] == 6 * f + 16 * f  # 22F per sample
+    assert (
+        configs.sim_iteration_flops(config, 2, regression_samples=2, warmup=True)["total"] == 6 * f + 16 * f
+    )  # 22F per sample
     assert configs.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert configs.peak_bf16_tflops("NVIDIA H200") == 989.0
     assert configs.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
@@ -100,14 +105,19 @@ def fresh_accelerator_state():
 
 @pytest.mark.parametrize(
     "extra",
-    [["--ablations"], ["--precision", "bf16", "--lora_rank", "4", "--gradient_checkpointing", "--divergence", "dmd", "--no_ema"]],
+    [
+        ["--ablations"],
+        ["--precision", "bf16", "--lora_rank", "4", "--gradient_checkpointing", "--divergence", "dmd", "--no_ema"],
+    ],
     ids=["fp32-full-copy-ablations", "bf16-lora-checkpointing-dmd"],
 )
 def test_train_step_benchmark_times_both_phases_of_the_default_iteration(tmp_path, fresh_accelerator_state, extra):
     from benchmarks import train_step
 
     out = tmp_path / "train.json"
-    result = train_step.main(train_step.parse_args(["--config", "tiny", "--steps", "1", "--warmup", "0", "--json", str(out), *extra]))
+    result = train_step.main(
+        train_step.parse_args(["--config", "tiny", "--steps", "1", "--warmup", "0", "--json", str(out), *extra])
+    )
     saved = json.loads(out.read_text())
     assert set(result["phases"]) == {"sim", "warmup"}
     sim, warmup = result["phases"]["sim"], result["phases"]["warmup"]
@@ -117,15 +127,33 @@ def test_train_step_benchmark_times_both_phases_of_the_default_iteration(tmp_pat
         assert phase["overhead_ratio"] > 0 and phase["essential_sum_ms"] > 0
     # Batch 4, one sample in four after the warm-up: one regression target per SIM step, four per warm-up step
     assert sim["regression_targets_per_iteration"] == 1 and warmup["regression_targets_per_iteration"] == 4
-    assert {"generator_forward", "generator_backward", "fake_score_update_forward", "fake_score_update_backward",
-            "teacher_forward", "fake_score_forward", "regression_targets", "fake_score_optimizer_step",
-            "generator_optimizer_step"} <= set(sim["passes_ms"])
+    assert {
+        "generator_forward",
+        "generator_backward",
+        "fake_score_update_forward",
+        "fake_score_update_backward",
+        "teacher_forward",
+        "fake_score_forward",
+        "regression_targets",
+        "fake_score_optimizer_step",
+        "generator_optimizer_step",
+    } <= set(sim["passes_ms"])
     assert "teacher_forward" not in warmup["passes_ms"] and "regression_targets" in warmup["passes_ms"]
-    assert {"generator_loss_forward", "regression_targets", "generator_loss_backward", "fake_score_optimizer_step"} <= set(sim["segments_ms"])
-    assert sim["flops_per_iteration"]["regression_targets"] > 0 and "teacher_in_generator_loss" not in warmup["flops_per_iteration"]
+    assert {
+        "generator_loss_forward",
+        "regression_targets",
+        "generator_loss_backward",
+        "fake_score_optimizer_step",
+    } <= set(sim["segments_ms"])
+    assert (
+        sim["flops_per_iteration"]["regression_targets"] > 0
+        and "teacher_in_generator_loss" not in warmup["flops_per_iteration"]
+    )
     assert result["memory"]["static_bytes"]["total"] > 0
     if "--ablations" in extra:
-        assert {"teacher_two_forwards_forward", "generator_adamw_unfused", "ema_no_foreach"} <= set(result["ablations_ms"])
+        assert {"teacher_two_forwards_forward", "generator_adamw_unfused", "ema_no_foreach"} <= set(
+            result["ablations_ms"]
+        )
     else:  # dmd: teacher and fake run under no_grad, so they have no backward pass
         assert "teacher_backward" not in sim["passes_ms"]
 
@@ -147,9 +175,22 @@ def test_a_benchmark_iteration_is_a_trainer_step(tiny_teacher_path, tmp_path, fr
     warmup_steps = 1 if phase == "warmup" else 0
     optimisation = ["--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2", "--adam_epsilon", "1.0"]
     run_trainer(
-        tiny_teacher_path, write_captions(tmp_path / "captions.txt", captions), tmp_path / "run", "--max_train_steps", "1",
-        "--train_batch_size", "4", "--seed", "5", "--report_to", "none", "--checkpointing_steps", "1",
-        "--regression_warmup_steps", str(warmup_steps), *optimisation,
+        tiny_teacher_path,
+        write_captions(tmp_path / "captions.txt", captions),
+        tmp_path / "run",
+        "--max_train_steps",
+        "1",
+        "--train_batch_size",
+        "4",
+        "--seed",
+        "5",
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        "1",
+        "--regression_warmup_steps",
+        str(warmup_steps),
+        *optimisation,
     )
 
     args = train_step.parse_args(["--config", "tiny", "--no_ema", "--batch_size", "4", "--num_threads", "1"])
@@ -159,8 +200,11 @@ def test_a_benchmark_iteration_is_a_trainer_step(tiny_teacher_path, tmp_path, fr
     text = OnlineTextEncoder(teacher, "cpu", torch.float32, 120, True)
     batch = StepBatches(stream, text, teacher.transformer, 64, (4, 8, 8), 4, 1, 0, 1, "cpu", torch.float32)(0)[0]
     s = train_step.build(
-        args, teacher, IterationConfig(regression_warmup_steps=warmup_steps),
-        OptimizerConfig(learning_rate=1e-2, fake_score_learning_rate=1e-2, adam_epsilon=1.0), batch,
+        args,
+        teacher,
+        IterationConfig(regression_warmup_steps=warmup_steps),
+        OptimizerConfig(learning_rate=1e-2, fake_score_learning_rate=1e-2, adam_epsilon=1.0),
+        batch,
     )
     result = train_step.run_iteration(s, 0)
     assert result.warming_up == (phase == "warmup")
@@ -178,13 +222,34 @@ def test_inference_benchmark_runs_both_pipelines(tmp_path):
     from benchmarks import inference
 
     out = tmp_path / "inference.json"
-    result = inference.main(inference.parse_args([
-        "--config", "tiny", "--batch_sizes", "1", "2", "--teacher_steps", "2", "--runs", "1", "--warmup", "0",
-        "--cached_prompt_embeddings", "--tiny_vae", "--json", str(out),
-    ]))
+    result = inference.main(
+        inference.parse_args(
+            [
+                "--config",
+                "tiny",
+                "--batch_sizes",
+                "1",
+                "2",
+                "--teacher_steps",
+                "2",
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--cached_prompt_embeddings",
+                "--tiny_vae",
+                "--json",
+                str(out),
+            ]
+        )
+    )
     assert json.loads(out.read_text())["ratios"] == result["ratios"]
     assert [(r["pipeline"], r["batch_size"]) for r in result["rows"]] == [
-        ("sim_one_step", 1), ("pixart_alpha", 1), ("sim_one_step", 2), ("pixart_alpha", 2)]
+        ("sim_one_step", 1),
+        ("pixart_alpha", 1),
+        ("sim_one_step", 2),
+        ("pixart_alpha", 2),
+    ]
     one_step, teacher = result["rows"][:2]
     assert one_step["calls"]["transformer"] == 1 and teacher["calls"]["transformer"] == 2
     assert one_step["calls"]["text_encoder"] == 0  # cached embeddings: T5 never runs
@@ -195,7 +260,10 @@ def test_gpu_check_orchestration_smoke(tmp_path):
     """The GPU check's job runner, JSON and markdown, with its tiny CPU jobs."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_results.json").read_text())

@@ -61,11 +61,25 @@ def tiny_clip(tmp_path_factory):
     tokenizer = tiny_clip_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=eos, pad_token_id=eos,
-                         bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>")),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=8,
     )
     torch.manual_seed(0)
@@ -86,13 +100,23 @@ def aesthetic_head_pth(tmp_path_factory, tiny_clip):
 
 # Upstream ImageReward.pt names (BLIP's timm ViT and med.py BERT), written out here independently of our renaming.
 def upstream_vision_names(depth):
-    names = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-             "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-             "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+    names = {
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": "embeddings.position_embedding",
+        "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+        "norm.weight": "post_layernorm.weight",
+        "norm.bias": "post_layernorm.bias",
+    }
     for i in range(depth):
-        for ours, theirs in [("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"),
-                             ("attn.proj", "self_attn.projection"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
+        for ours, theirs in [
+            ("norm1", "layer_norm1"),
+            ("norm2", "layer_norm2"),
+            ("attn.qkv", "self_attn.qkv"),
+            ("attn.proj", "self_attn.projection"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ]:
             for p in ("weight", "bias"):
                 names[f"blocks.{i}.{ours}.{p}"] = f"encoder.layers.{i}.{theirs}.{p}"
     return names
@@ -108,19 +132,46 @@ def tiny_imagereward(tmp_path_factory):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "on", "mat", "dog"]
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
     tokenizer.save_pretrained(path / "tokenizer")
-    med_config = dict(vocab_size=len(words) + 2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=40, hidden_act="gelu", layer_norm_eps=1e-12,
-                      pad_token_id=0, encoder_width=768, add_cross_attention=True)
+    med_config = dict(
+        vocab_size=len(words) + 2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=40,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+        encoder_width=768,
+        add_cross_attention=True,
+    )
     (path / "med_config.json").write_text(json.dumps(med_config))
 
     torch.manual_seed(2)
     # 128 wide -> two 64-d heads, as BLIP's ViTs; 32 px in 16 px patches.
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=1,
-                                              num_attention_heads=2, image_size=32, patch_size=16,
-                                              layer_norm_eps=1e-6)).eval()
-    text = BlipTextModel(BlipTextConfig(vocab_size=len(words) + 2, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=40,
-                                        encoder_hidden_size=128), add_pooling_layer=False).eval()
+    vision = BlipVisionModel(
+        BlipVisionConfig(
+            hidden_size=128,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+            layer_norm_eps=1e-6,
+        )
+    ).eval()
+    text = BlipTextModel(
+        BlipTextConfig(
+            vocab_size=len(words) + 2,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+            encoder_hidden_size=128,
+        ),
+        add_pooling_layer=False,
+    ).eval()
     head = RewardHead(input_size=16).eval()
     vision_state = vision.state_dict()
     state = {f"blip.visual_encoder.{theirs}": vision_state[ours] for theirs, ours in upstream_vision_names(1).items()}
@@ -226,13 +277,17 @@ def test_imagereward_scorer_matches_its_transformers_parts(tiny_imagereward):
 
     # Reference: upstream's forward written out on the original transformers modules.
     pixels = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
-        images, return_tensors="pt")["pixel_values"]
+        images, return_tensors="pt"
+    )["pixel_values"]
     tokens = tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
         image_tokens = vision(pixel_values=pixels).last_hidden_state
-        cls = text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                   encoder_hidden_states=image_tokens,
-                   encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        cls = text(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long),
+        ).last_hidden_state[:, 0]
         expected = (head(cls) - REWARD_MEAN) / REWARD_STD
     torch.testing.assert_close(rewards, expected)
 
@@ -314,19 +369,47 @@ def evaluation_run(tmp_path_factory, tiny_models, tiny_clip, aesthetic_head_pth,
     captions = out / "captions.txt"
     captions.write_text("a red cat on a mat\na dog in the snow\n\na bird on a tree\n")
     evaluate = load_evaluate_script()
-    args = evaluate.parse_args([
-        "--model", f"SIM={sim}",
-        "--model", f"PixArt={teacher}:2:4.5",
-        "--captions", str(captions), "--num_samples", "4", "--batch_size", "3", "--seed", "7",
-        "--no_resolution_binning",
-        "--metrics", "aesthetic,imagereward,pickscore,clip_score,fid",
-        "--aesthetic_head", str(aesthetic_head_pth), "--aesthetic_clip", str(tiny_clip),
-        "--imagereward_model", str(imagereward_path), "--imagereward_tokenizer", str(imagereward_tokenizer),
-        "--pickscore_model", str(tiny_clip), "--pickscore_processor", str(tiny_clip),
-        "--clip_score_model", str(tiny_clip),
-        "--fid_model", str(tiny_clip), "--fid_reference", str(reference),
-        "--output_dir", str(out / "run"), "--device", "cpu",
-    ])
+    args = evaluate.parse_args(
+        [
+            "--model",
+            f"SIM={sim}",
+            "--model",
+            f"PixArt={teacher}:2:4.5",
+            "--captions",
+            str(captions),
+            "--num_samples",
+            "4",
+            "--batch_size",
+            "3",
+            "--seed",
+            "7",
+            "--no_resolution_binning",
+            "--metrics",
+            "aesthetic,imagereward,pickscore,clip_score,fid",
+            "--aesthetic_head",
+            str(aesthetic_head_pth),
+            "--aesthetic_clip",
+            str(tiny_clip),
+            "--imagereward_model",
+            str(imagereward_path),
+            "--imagereward_tokenizer",
+            str(imagereward_tokenizer),
+            "--pickscore_model",
+            str(tiny_clip),
+            "--pickscore_processor",
+            str(tiny_clip),
+            "--clip_score_model",
+            str(tiny_clip),
+            "--fid_model",
+            str(tiny_clip),
+            "--fid_reference",
+            str(reference),
+            "--output_dir",
+            str(out / "run"),
+            "--device",
+            "cpu",
+        ]
+    )
     results = evaluate.main(args)
     return out / "run", results
 
@@ -338,8 +421,12 @@ def test_evaluate_writes_results_and_report(evaluation_run):
     sim, teacher = saved["models"]
     assert (sim["pipeline"], sim["steps"], sim["guidance_scale"]) == ("SIMOneStepPipeline", 1, None)
     assert (teacher["pipeline"], teacher["steps"], teacher["guidance_scale"]) == ("PixArtAlphaPipeline", 2, 4.5)
-    assert [s["prompt"] for s in saved["samples"]] == ["a red cat on a mat", "a dog in the snow", "a bird on a tree",
-                                                       "a red cat on a mat"]
+    assert [s["prompt"] for s in saved["samples"]] == [
+        "a red cat on a mat",
+        "a dog in the snow",
+        "a bird on a tree",
+        "a red cat on a mat",
+    ]
     assert [s["seed"] for s in saved["samples"]] == [7, 8, 9, 10]
     for model in saved["models"]:
         assert len(model["images"]) == 4 and all((out / p).is_file() for p in model["images"])
@@ -351,8 +438,9 @@ def test_evaluate_writes_results_and_report(evaluation_run):
         assert model["summary"]["fid"]["reference_n"] == 4 and math.isfinite(model["summary"]["fid"]["value"])
     assert (out / "fid_reference_stats.safetensors").is_file()
     # The one-step model and the teacher start from the same noise but are different samplers.
-    assert not np.array_equal(np.asarray(Image.open(out / sim["images"][0])),
-                              np.asarray(Image.open(out / teacher["images"][0])))
+    assert not np.array_equal(
+        np.asarray(Image.open(out / sim["images"][0])), np.asarray(Image.open(out / teacher["images"][0]))
+    )
 
 
 def test_evaluate_is_reproducible_per_sample(evaluation_run, tiny_models, tmp_path):
@@ -360,9 +448,27 @@ def test_evaluate_is_reproducible_per_sample(evaluation_run, tiny_models, tmp_pa
     out, _ = evaluation_run
     sim, _ = tiny_models
     evaluate = load_evaluate_script()
-    args = evaluate.parse_args(["--model", f"SIM={sim}", "--captions", str(out.parent / "captions.txt"),
-                                "--num_samples", "2", "--batch_size", "1", "--seed", "7", "--metrics", "",
-                                "--no_resolution_binning", "--output_dir", str(tmp_path), "--device", "cpu"])
+    args = evaluate.parse_args(
+        [
+            "--model",
+            f"SIM={sim}",
+            "--captions",
+            str(out.parent / "captions.txt"),
+            "--num_samples",
+            "2",
+            "--batch_size",
+            "1",
+            "--seed",
+            "7",
+            "--metrics",
+            "",
+            "--no_resolution_binning",
+            "--output_dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     results = evaluate.main(args)
     first = results["models"][0]["images"][0]
     alone, batched = (np.asarray(Image.open(root / first), dtype=np.int16) for root in (tmp_path, out))
@@ -373,11 +479,21 @@ def test_evaluate_is_reproducible_per_sample(evaluation_run, tiny_models, tmp_pa
 def test_report_opens_in_headless_chromium(evaluation_run, tmp_path):
     out, _ = evaluation_run
     report = (out / "report.html").resolve()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files"]
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--allow-file-access-from-files",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     table = re.search(r'<table id="metrics">.*?</table>', dom, re.S).group(0)
     for text in ("SIM", "PixArt", "Aesthetic", "ImageReward", "PickScore", "CLIP score", "FID", "±"):
         assert text in table
@@ -387,8 +503,12 @@ def test_report_opens_in_headless_chromium(evaluation_run, tmp_path):
     assert len(sources) == 2 * 4 and all((out / s).is_file() for s in sources)
 
     screenshot = tmp_path / "report.png"
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", "--window-size=1280,1600", report.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={screenshot}", "--window-size=1280,1600", report.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     pixels = np.asarray(Image.open(screenshot).convert("RGB"))
     assert pixels.shape[:2] == (1600, 1280)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # text, table and the noisy sample images drawn

@@ -87,7 +87,9 @@ def test_generator_mapping_is_differentiable_in_the_transformer():
         def forward(self, x, **kwargs):
             return (lin(x),)
 
-    x0 = one_step_generate(Net(), torch.randn(2, 4, 8, 8), 440, alphas_cumprod, torch.randn(2, 5, 16), torch.ones(2, 5))
+    x0 = one_step_generate(
+        Net(), torch.randn(2, 4, 8, 8), 440, alphas_cumprod, torch.randn(2, 5, 16), torch.ones(2, 5)
+    )
     x0.sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad[:4].abs().sum() > 0
     assert lin.weight.grad[4:].abs().sum() == 0  # learned-sigma outputs get no gradient

@@ -26,10 +26,31 @@ from pathlib import Path
 import pytest
 
 TRACE = Path(__file__).parent / "golden" / "sim_trace.json"
-CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a house by the lake", "a small boat on the river", "a bright sun"]
+CAPTIONS = [
+    "a red cat",
+    "a blue dog",
+    "a green bird",
+    "a house by the lake",
+    "a small boat on the river",
+    "a bright sun",
+]
 COMMON = [
-    "--max_train_steps", "6", "--train_batch_size", "4", "--seed", "11", "--learning_rate", "1e-2",
-    "--fake_score_learning_rate", "1e-2", "--adam_epsilon", "0.1", "--report_to", "none", "--checkpointing_steps", "6",
+    "--max_train_steps",
+    "6",
+    "--train_batch_size",
+    "4",
+    "--seed",
+    "11",
+    "--learning_rate",
+    "1e-2",
+    "--fake_score_learning_rate",
+    "1e-2",
+    "--adam_epsilon",
+    "0.1",
+    "--report_to",
+    "none",
+    "--checkpointing_steps",
+    "6",
 ]
 RUNS = {
     "default_recipe": [*COMMON, "--regression_warmup_steps", "2"],
@@ -48,7 +69,11 @@ def update_checksums(final: dict, initial: dict) -> dict:
 
     update = torch.cat([(final[k].double() - initial[k].double()).flatten() for k in sorted(final)])
     direction = torch.randn(update.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return {"norm_sq": update.square().sum().item(), "sum": update.sum().item(), "projection": (update @ direction).item()}
+    return {
+        "norm_sq": update.square().sum().item(),
+        "sum": update.sum().item(),
+        "projection": (update @ direction).item(),
+    }
 
 
 def make_trace(teacher, workdir: Path, args) -> dict:

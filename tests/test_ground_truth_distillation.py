@@ -21,11 +21,34 @@ def test_sim_distillation_sharpens_the_one_step_generator_on_the_quick_world(tmp
     captions = tmp_path_factory.mktemp("gt") / "captions.txt"
     captions.write_text("\n".join(world.captions) + "\n")
     out = captions.parent / "sim"
-    cmd = [sys.executable, str(REPO / "training_scripts" / "train_sim_pixart.py"), "--pretrained_model_name_or_path", str(teacher),
-           "--caption_file", str(captions), "--output_dir", str(out), "--max_train_steps", "80", "--train_batch_size", "16",
-           "--learning_rate", "1e-4", "--fake_score_learning_rate", "1e-4", "--guidance_scale", "1", "--checkpointing_steps", "1000",
-           "--report_to", "none", "--seed", "0",
-           "--regression_warmup_steps", "0"]  # SIM from the first step: this test guards the SIM iteration
+    cmd = [
+        sys.executable,
+        str(REPO / "training_scripts" / "train_sim_pixart.py"),
+        "--pretrained_model_name_or_path",
+        str(teacher),
+        "--caption_file",
+        str(captions),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "80",
+        "--train_batch_size",
+        "16",
+        "--learning_rate",
+        "1e-4",
+        "--fake_score_learning_rate",
+        "1e-4",
+        "--guidance_scale",
+        "1",
+        "--checkpointing_steps",
+        "1000",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--regression_warmup_steps",
+        "0",
+    ]  # SIM from the first step: this test guards the SIM iteration
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,12 +17,17 @@ def metrics(fidelity, coverage=1.0, weight_tv=0.1, mmd=0.2, off_caption=0.0):
 def run(seed, final_fidelity):
     untrained = metrics(0.3)
     curve = [{"step": 0, **untrained}, {"step": 100, **metrics(0.6)}, {"step": 200, **metrics(final_fidelity)}]
-    return {"seed": seed, "final": {"mean": metrics(final_fidelity), "floor": metrics(1.0, weight_tv=0.05)},
-            "curve": curve}
+    return {
+        "seed": seed,
+        "final": {"mean": metrics(final_fidelity), "floor": metrics(1.0, weight_tv=0.05)},
+        "curve": curve,
+    }
 
 
-@pytest.mark.parametrize("upper, expected", [(300, [0, 50, 100, 150, 200, 250, 300]), (1400, [0, 500, 1000]),
-                                             (80, [0, 20, 40, 60, 80]), (7, [0, 2, 4, 6])])
+@pytest.mark.parametrize(
+    "upper, expected",
+    [(300, [0, 50, 100, 150, 200, 250, 300]), (1400, [0, 500, 1000]), (80, [0, 20, 40, 60, 80]), (7, [0, 2, 4, 6])],
+)
 def test_ticks_are_round_steps_from_zero(upper, expected):
     assert nice_ticks(upper) == pytest.approx(expected)
 
@@ -38,7 +43,7 @@ def test_the_report_says_what_each_number_means_and_starts_the_curve_at_step_0()
     assert "| **SIM one step: demo** (2 seeds) | 0.750 ± 0.071 |" in text  # mean ± sample std over the seeds
     for label, _ in distill.MEANINGS:
         assert sum(line.strip().startswith(label) for line in text.splitlines()) == 1, label
-    curve = text[text.index("Over training"):].splitlines()
+    curve = text[text.index("Over training") :].splitlines()
     steps = [line.split("|")[1].strip() for line in curve if line.startswith("| ") and line[2].isdigit()]
     assert steps == ["0", "100", "200"]
     assert distill.mean_curve(runs)[-1]["fidelity"] == pytest.approx(0.75)
@@ -47,12 +52,21 @@ def test_the_report_says_what_each_number_means_and_starts_the_curve_at_step_0()
 
 def test_the_figure_draws_every_curve_from_step_0(tmp_path):
     world = GaussianMixtureWorld.quick()
-    curve = [{"step": 0, **metrics(0.3, coverage=0.9, weight_tv=0.1, mmd=0.6)},
-             {"step": 300, **metrics(0.8, coverage=0.9, weight_tv=0.1, mmd=0.2)}]
+    curve = [
+        {"step": 0, **metrics(0.3, coverage=0.9, weight_tv=0.1, mmd=0.6)},
+        {"step": 300, **metrics(0.8, coverage=0.9, weight_tv=0.1, mmd=0.2)},
+    ]
     examples = [world.sample_x0(c, 8, torch.Generator().manual_seed(c)) for c in range(world.num_captions)]
     path = tmp_path / "figure.png"
-    draw_figure(path, "title", curve, [("exact", examples), ("generator", examples)], world.captions,
-                {"teacher": 0.97}, warmup_end=200)
+    draw_figure(
+        path,
+        "title",
+        curve,
+        [("exact", examples), ("generator", examples)],
+        world.captions,
+        {"teacher": 0.97},
+        warmup_end=200,
+    )
     image = Image.open(path).convert("RGB")
     height = PLOT["bottom"] - PLOT["top"]
     for key, value in (("fidelity", 0.3), ("coverage", 0.9), ("weight_tv", 0.1), ("mmd", 0.6)):

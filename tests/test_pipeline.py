@@ -13,7 +13,6 @@ from sim_diffusers import SIMOneStepPipeline
 from sim_diffusers.testing import tiny_transformer
 
 
-
 @pytest.fixture
 def teacher(tiny_teacher_path):
     return PixArtAlphaPipeline.from_pretrained(tiny_teacher_path)
@@ -64,7 +63,9 @@ def test_equals_stock_pixart_pipeline_1024_ms_style_with_micro_conditions(tiny_m
     assert (ours - theirs).abs().max() < 1e-5
     # The micro-conditions matter: another aspect ratio changes the output for the same noise.
     pipe.transformer.adaln_single.emb.resolution_embedder.linear_1.weight.data.normal_()
-    other = pipe("a house by the lake", latents=z, output_type="latent", use_resolution_binning=False, height=128, width=64)
+    other = pipe(
+        "a house by the lake", latents=z, output_type="latent", use_resolution_binning=False, height=128, width=64
+    )
     assert (other.images - ours).abs().max() > 1e-4
 
 
@@ -87,7 +88,7 @@ def test_every_output_type(pipe):
     assert pt.shape == (1, 3, 128, 64)
     latent = pipe("a cat", output_type="latent", height=128, width=64).images
     assert latent.shape == (1, 4, 16, 8)
-    images, = pipe("a cat", output_type="np", return_dict=False)
+    (images,) = pipe("a cat", output_type="np", return_dict=False)
     assert images.shape == (1, 64, 64, 3)
 
 
@@ -109,7 +110,9 @@ def test_save_and_load_round_trip_is_bit_exact_and_safetensors_only(pipe, tmp_pa
     assert index["_class_name"] == ["pipeline_sim_one_step", "SIMOneStepPipeline"]  # the folder's own code
     assert index["conditioning_timestep"] == pipe.conditioning_timestep
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
-    weights = sorted(p.name for p in (tmp_path / "sim").rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".safetensors"})
+    weights = sorted(
+        p.name for p in (tmp_path / "sim").rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".safetensors"}
+    )
     assert weights and all(name.endswith(".safetensors") for name in weights)
 
     loaded = SIMOneStepPipeline.from_pretrained(tmp_path / "sim")
@@ -118,7 +121,10 @@ def test_save_and_load_round_trip_is_bit_exact_and_safetensors_only(pipe, tmp_pa
         assert torch.equal(loaded.transformer.state_dict()[name], tensor)
         assert torch.equal(saved[name], tensor)
     z = torch.randn(1, 4, 8, 8)
-    a, b = pipe("a cat", latents=z, output_type="latent").images, loaded("a cat", latents=z, output_type="latent").images
+    a, b = (
+        pipe("a cat", latents=z, output_type="latent").images,
+        loaded("a cat", latents=z, output_type="latent").images,
+    )
     # Weights are bit-exact; outputs may differ in the last float bit (CPU kernels pick paths by memory alignment).
     assert (a - b).abs().max() < 1e-5
 
@@ -153,7 +159,10 @@ def test_auto_encoder_tiny_is_accepted(pipe):
     from diffusers import AutoencoderTiny
 
     pipe.vae = AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
     )
     pipe.register_modules(vae=pipe.vae)
     images = pipe("a cat", output_type="np").images
@@ -165,7 +174,10 @@ def test_auto_encoder_tiny_is_accepted(pipe):
     [
         (dict(prompt="a cat", height=60), "divisible by 16"),
         (dict(prompt="a cat", width=72), "divisible by 16"),
-        (dict(prompt="a cat", prompt_embeds=torch.zeros(1, 120, 32), prompt_attention_mask=torch.ones(1, 120)), "not both"),
+        (
+            dict(prompt="a cat", prompt_embeds=torch.zeros(1, 120, 32), prompt_attention_mask=torch.ones(1, 120)),
+            "not both",
+        ),
         (dict(), "one of `prompt` or `prompt_embeds`"),
         (dict(prompt=[]), "empty list"),
         (dict(prompt=["a", "b"], generator=[torch.Generator()] * 3), "3 generators for 2 images"),
@@ -183,8 +195,16 @@ def test_bad_input_gives_a_clear_error(pipe, kwargs, message):
 def test_rejects_a_transformer_that_is_not_pixart_when_called(pipe):
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
-    other = SIMOneStepPipeline(pipe.tokenizer, pipe.text_encoder, pipe.vae, unet, pipe.scheduler)  # diffusers-style: built as given
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
+    other = SIMOneStepPipeline(
+        pipe.tokenizer, pipe.text_encoder, pipe.vae, unet, pipe.scheduler
+    )  # diffusers-style: built as given
     with pytest.raises(ValueError, match="PixArtTransformer2DModel as `transformer`, got UNet2DModel"):
         other("a cat")
 
@@ -192,7 +212,13 @@ def test_rejects_a_transformer_that_is_not_pixart_when_called(pipe):
 def test_resolution_binning_on_a_512_model_resizes_back(teacher):
     """A transformer with the real 512 model's sample_size uses PixArt's 512 bins and returns the requested size."""
     transformer = tiny_transformer(seed=3, sample_size=64)
-    pipe = SIMOneStepPipeline(teacher.tokenizer, teacher.text_encoder, teacher.vae, transformer, DDPMScheduler.from_config(teacher.scheduler.config))
+    pipe = SIMOneStepPipeline(
+        teacher.tokenizer,
+        teacher.text_encoder,
+        teacher.vae,
+        transformer,
+        DDPMScheduler.from_config(teacher.scheduler.config),
+    )
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a cat", height=200, width=360, output_type="pt").images
     assert image.shape == (1, 3, 200, 360)

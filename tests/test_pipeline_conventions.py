@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "A photo of a blue dog sitting in the snow"]  # different token counts: masks must follow
 
 
-
 def noise(batch, seed=0):
     return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
@@ -163,7 +162,9 @@ def test_a_saved_folder_carries_the_packages_own_code(saved):
     for name in carried:
         assert sibling_imports(saved / name) <= direct, name
         assert not re.search(r"^\s*from\s+\.\.", (saved / name).read_text(encoding="utf-8"), re.MULTILINE), name
-        assert not re.search(r"^\s*(from|import)\s+sim_diffusers", (saved / name).read_text(encoding="utf-8"), re.MULTILINE)
+        assert not re.search(
+            r"^\s*(from|import)\s+sim_diffusers", (saved / name).read_text(encoding="utf-8"), re.MULTILINE
+        )
     # Stock diffusers reads the [module, class] form; this class reads its own name and runs no code from the folder.
     assert DiffusionPipeline.load_config(saved)["_class_name"] == ["pipeline_sim_one_step", "SIMOneStepPipeline"]
     assert SIMOneStepPipeline.load_config(saved)["_class_name"] == "SIMOneStepPipeline"
@@ -214,7 +215,13 @@ def test_num_images_per_prompt_with_prompts_and_with_prompt_embeds(pipe):
     gens = lambda: [torch.Generator().manual_seed(20 + k) for k in range(len(PROMPTS) * n)]  # noqa: E731
     from_text = pipe(PROMPTS, num_images_per_prompt=n, generator=gens(), output_type="latent").images
     embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
-    from_embeds = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, num_images_per_prompt=n, generator=gens(), output_type="latent").images
+    from_embeds = pipe(
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        num_images_per_prompt=n,
+        generator=gens(),
+        output_type="latent",
+    ).images
     assert from_text.shape == from_embeds.shape == (len(PROMPTS) * n, 4, 8, 8)
     assert (from_text - from_embeds).abs().max() < 1e-5
     for k in range(len(PROMPTS) * n):  # prompt i's copies are consecutive, image k drawn from generator k
@@ -240,7 +247,12 @@ def test_model_cpu_offload_seq_names_every_model_and_offloading_keeps_outputs(sa
 
 def test_no_torch_dtype_left_in_docs_and_examples():
     """diffusers deprecates `torch_dtype=` for `dtype=`; what users copy must use the new name."""
-    files = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "examples").glob("*.py"), *(REPO / "model_cards").glob("*.md")]
+    files = [
+        REPO / "README.md",
+        *(REPO / "docs").glob("*.md"),
+        *(REPO / "examples").glob("*.py"),
+        *(REPO / "model_cards").glob("*.md"),
+    ]
     files.append(REPO / "sim_diffusers" / "pipeline_sim_one_step.py")  # its example docstring
     assert len(files) > 5
     offenders = [str(f.relative_to(REPO)) for f in files if "torch_dtype=" in f.read_text(encoding="utf-8")]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from stock_diffusers import generate_with_stock_diffusers
 
 from sim_diffusers import SIMOneStepPipeline
-from sim_diffusers.testing import SDXL_VAE_SCALING_FACTOR, build_tiny_pixart_sigma_pipeline, tiny_transformer
 from sim_diffusers.teachers import load_teacher_pipeline
+from sim_diffusers.testing import SDXL_VAE_SCALING_FACTOR, build_tiny_pixart_sigma_pipeline, tiny_transformer
 
 REPO = Path(__file__).resolve().parents[1]
 # Longer than PixArt-alpha's 120 tokens (one token per vocabulary word, plus </s>): truncating at 120 changes it.
@@ -36,10 +36,12 @@ def sigma(sigma_path):
     return pipe
 
 
-
 def test_the_sigma_fixture_is_laid_out_as_the_published_repositories(sigma_path, sigma):
     index = json.loads((sigma_path / "model_index.json").read_text())
-    assert index["_class_name"] == "PixArtSigmaPipeline" and index["transformer"] == ["diffusers", "Transformer2DModel"]
+    assert index["_class_name"] == "PixArtSigmaPipeline" and index["transformer"] == [
+        "diffusers",
+        "Transformer2DModel",
+    ]
     assert isinstance(sigma.transformer, PixArtTransformer2DModel) and not sigma.transformer.use_additional_conditions
     assert sigma.vae.config.scaling_factor == SDXL_VAE_SCALING_FACTOR
     assert isinstance(load_teacher_pipeline(sigma_path), PixArtSigmaPipeline)
@@ -70,7 +72,10 @@ def test_equals_stock_pixart_sigma_pipeline(sigma, output_type):
     perturb(pipe.transformer, seed=9)
     pipe.set_progress_bar_config(disable=True)
     stock = PixArtSigmaPipeline(
-        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, transformer=pipe.transformer,
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        transformer=pipe.transformer,
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False),
     )
     stock.set_progress_bar_config(disable=True)
@@ -80,7 +85,14 @@ def test_equals_stock_pixart_sigma_pipeline(sigma, output_type):
     alphabar = stock.scheduler.alphas_cumprod[t_star]
     kwargs = dict(output_type=output_type, use_resolution_binning=False)
     ours = np.asarray(pipe(prompts, latents=z, **kwargs).images)
-    theirs = stock(prompts, timesteps=[t_star], guidance_scale=1.0, latents=(1 - alphabar).sqrt() * z, generator=torch.Generator().manual_seed(0), **kwargs).images
+    theirs = stock(
+        prompts,
+        timesteps=[t_star],
+        guidance_scale=1.0,
+        latents=(1 - alphabar).sqrt() * z,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images
     assert np.abs(ours - np.asarray(theirs)).max() < 1e-5
     assert np.abs(ours).max() > 1e-2
     # The Σ length matters: at PixArt-alpha's 120 tokens the long prompt gives another image.
@@ -94,12 +106,20 @@ def test_resolution_bins_are_those_of_stock_pixart_sigma_including_2k(sigma):
     transformer = tiny_transformer(seed=0, sample_size=256)
     transformer.forward = lambda x, **_: (torch.zeros(x.shape[0], 8, *x.shape[2:]),)
     scheduler = DDPMScheduler.from_config(sigma.scheduler.config, clip_sample=False)
-    parts = dict(tokenizer=sigma.tokenizer, text_encoder=sigma.text_encoder, vae=sigma.vae, transformer=transformer, scheduler=scheduler)
+    parts = dict(
+        tokenizer=sigma.tokenizer,
+        text_encoder=sigma.text_encoder,
+        vae=sigma.vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
     ours, stock = SIMOneStepPipeline(**parts), PixArtSigmaPipeline(**parts)
     stock.set_progress_bar_config(disable=True)
     for height, width in ((2048, 2048), (1000, 3000), (3000, 1200)):
         a = ours("a cat", height=height, width=width, output_type="latent").images
-        b = stock("a cat", height=height, width=width, timesteps=[440], guidance_scale=1.0, output_type="latent").images
+        b = stock(
+            "a cat", height=height, width=width, timesteps=[440], guidance_scale=1.0, output_type="latent"
+        ).images
         assert a.shape == b.shape, (height, width)
     assert a.shape[-2:] != (3000 // 8, 1200 // 8)  # binned, not the requested size
 
@@ -122,10 +142,34 @@ def test_trainer_distils_a_sigma_teacher_and_stock_diffusers_loads_the_result(si
     captions.write_text("a red cat\na blue dog\na green bird\n" + LONG_PROMPT + "\n", encoding="utf-8")
     out, cache = tmp_path / "sim-sigma", tmp_path / "t5-cache"
     cmd = [
-        sys.executable, str(REPO / "training_scripts" / "train_sim_pixart.py"), "--pretrained_model_name_or_path", str(sigma_path),
-        "--caption_file", str(captions), "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "2",
-        "--report_to", "none", "--regression_warmup_steps", "1", "--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2",
-        "--adam_epsilon", "1.0", "--checkpointing_steps", "10", "--text_embedding_cache", str(cache), "--regression_num_inference_steps", "2",
+        sys.executable,
+        str(REPO / "training_scripts" / "train_sim_pixart.py"),
+        "--pretrained_model_name_or_path",
+        str(sigma_path),
+        "--caption_file",
+        str(captions),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "2",
+        "--report_to",
+        "none",
+        "--regression_warmup_steps",
+        "1",
+        "--learning_rate",
+        "1e-2",
+        "--fake_score_learning_rate",
+        "1e-2",
+        "--adam_epsilon",
+        "1.0",
+        "--checkpointing_steps",
+        "10",
+        "--text_embedding_cache",
+        str(cache),
+        "--regression_num_inference_steps",
+        "2",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -133,7 +177,10 @@ def test_trainer_distils_a_sigma_teacher_and_stock_diffusers_loads_the_result(si
 
     assert json.loads((cache / "index.json").read_text())["max_sequence_length"] == 300  # Σ's length, unasked
     index = json.loads((out / "model_index.json").read_text())
-    assert index["max_sequence_length"] == 300 and index["_class_name"] == ["pipeline_sim_one_step", "SIMOneStepPipeline"]
+    assert index["max_sequence_length"] == 300 and index["_class_name"] == [
+        "pipeline_sim_one_step",
+        "SIMOneStepPipeline",
+    ]
     trained = SIMOneStepPipeline.from_pretrained(out)
     assert trained.vae.config.scaling_factor == SDXL_VAE_SCALING_FACTOR and trained.text_encoder is not None
     teacher = load_file(str(sigma_path / "transformer" / "diffusion_pytorch_model.safetensors"))

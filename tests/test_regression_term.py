@@ -22,9 +22,18 @@ def test_targets_are_the_teacher_pipelines_own_samples(lora_rank):
     with torch.no_grad():
         embeds, mask, neg, neg_mask = pipe.encode_prompt(prompts, True, negative_prompt="", clean_caption=False)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    expected = pipe(negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
-                    negative_prompt_attention_mask=neg_mask, latents=z.clone(), num_inference_steps=4, guidance_scale=4.5,
-                    output_type="latent", use_resolution_binning=False).images
+    expected = pipe(
+        negative_prompt=None,
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=neg,
+        negative_prompt_attention_mask=neg_mask,
+        latents=z.clone(),
+        num_inference_steps=4,
+        guidance_scale=4.5,
+        output_type="latent",
+        use_resolution_binning=False,
+    ).images
 
     networks = ScoreNetworks.build(pipe.transformer, lora_rank=lora_rank)
     with torch.no_grad():  # a fake score that differs from the teacher must not leak into the targets
@@ -62,8 +71,10 @@ def test_regression_term_is_the_same_for_any_split_of_the_global_batch():
     for rank in range(2):
         positions = [2 * rank, 2 * rank + 1]
         index = [i for i, p in enumerate(positions) if p % every == 0]
-        local_x0 = x0[2 * rank: 2 * rank + 2]
-        local_terms.append(regression_term(local_x0, targets[[positions[i] for i in index]], torch.tensor(index), 2 / every))
+        local_x0 = x0[2 * rank : 2 * rank + 2]
+        local_terms.append(
+            regression_term(local_x0, targets[[positions[i] for i in index]], torch.tensor(index), 2 / every)
+        )
     split = sum(local_terms) / 2
     (grad_split,) = torch.autograd.grad(split, x0)
     assert torch.allclose(one, split)
@@ -96,8 +107,12 @@ def test_which_distance_rewards_blending_two_modes(distance, commits):
     (within c of) A."""
     a, b = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
     s = torch.linspace(0, 1, 101)
-    expected = torch.stack([
-        0.7 * regression_loss(a + si * (b - a), a, distance, 0.1) + 0.3 * regression_loss(a + si * (b - a), b, distance, 0.1)
-        for si in s]).squeeze(1)
+    expected = torch.stack(
+        [
+            0.7 * regression_loss(a + si * (b - a), a, distance, 0.1)
+            + 0.3 * regression_loss(a + si * (b - a), b, distance, 0.1)
+            for si in s
+        ]
+    ).squeeze(1)
     best = s[expected.argmin()].item()
     assert best <= 0.01 if commits else abs(best - 0.3) < 0.011

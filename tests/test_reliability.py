@@ -33,8 +33,21 @@ CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a small house", "a big t
 # Same arguments for the uninterrupted run and every piece of the interrupted one. The upload fails (offline) so that
 # the token is really in play; tensorboard event files are among the files searched for it.
 RUN_ARGS = [
-    "--max_train_steps", "6", "--train_batch_size", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-    "--report_to", "tensorboard", "--push_to_hub", "--hub_model_id", "me/sim-tiny", "--hub_token", TOKEN,
+    "--max_train_steps",
+    "6",
+    "--train_batch_size",
+    "2",
+    "--checkpointing_steps",
+    "2",
+    "--checkpoints_total_limit",
+    "2",
+    "--report_to",
+    "tensorboard",
+    "--push_to_hub",
+    "--hub_model_id",
+    "me/sim-tiny",
+    "--hub_token",
+    TOKEN,
 ]
 
 
@@ -74,8 +87,18 @@ def interrupted(tiny_teacher_path, captions_file, tmp_path_factory):
 def nonfinite(tiny_teacher_path, captions_file, tmp_path_factory):
     """NaN generator losses at step 1 (alone: skipped) and steps 3, 4, 5 (three in a row: the run stops)."""
     output_dir = tmp_path_factory.mktemp("nonfinite") / "out"
-    args = ["--max_train_steps", "8", "--train_batch_size", "2", "--checkpointing_steps", "2", "--report_to", "none",
-            "--max_consecutive_nonfinite_steps", "3"]
+    args = [
+        "--max_train_steps",
+        "8",
+        "--train_batch_size",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--max_consecutive_nonfinite_steps",
+        "3",
+    ]
     return output_dir, run_trainer(tiny_teacher_path, captions_file, output_dir, args, "nan:generator_loss@1,3,4,5")
 
 
@@ -204,60 +227,131 @@ def bad_inputs(tmp_path_factory, tiny_teacher_path):
     (root / "folder.txt").mkdir()
     (root / "broken.txt").symlink_to(root / "gone.txt")
     (root / "caps.csv").write_text("prompt,id\na red cat,1\na blue dog,2\n", encoding="utf-8")
-    (root / "caps.jsonl").write_text('{"prompt": "a red cat", "id": 1}\n{"prompt": "a blue dog", "id": 2}\n', encoding="utf-8")
+    (root / "caps.jsonl").write_text(
+        '{"prompt": "a red cat", "id": 1}\n{"prompt": "a blue dog", "id": 2}\n', encoding="utf-8"
+    )
     (root / "blank.jsonl").write_text('{"prompt": "  "}\n{"prompt": ""}\n{"prompt": null}\n', encoding="utf-8")
     (root / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") + b"\xff\xfe bad\n")
     (root / "mixed.txt").write_bytes(b"a red cat\n" + "café\n".encode("latin-1") + b"a blue dog\n")
     sd = root / "sd-teacher"
     sd.mkdir()
-    (sd / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-    }))
+    (sd / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+            }
+        )
+    )
     (root / "a-file").write_text("not a folder")
     return {"root": root, "teacher": Path(tiny_teacher_path)}
 
 
 # (id, arguments replacing or adding to the defaults, pattern of the error line). {root}/{teacher}: see bad_inputs.
 BAD_INPUT_ROWS = [
-    ("caption file missing", {"--caption_file": "{root}/missing.txt"}, r"--caption_file \S*missing\.txt does not exist"),
+    (
+        "caption file missing",
+        {"--caption_file": "{root}/missing.txt"},
+        r"--caption_file \S*missing\.txt does not exist",
+    ),
     ("caption file empty", {"--caption_file": "{root}/empty.txt"}, r"empty\.txt is empty"),
     ("caption file is a directory", {"--caption_file": "{root}/folder.txt"}, r"folder\.txt is a directory"),
-    ("caption file is a broken link", {"--caption_file": "{root}/broken.txt"}, r"broken\.txt is a broken link to \S*gone\.txt"),
-    ("csv column missing", {"--caption_file": "{root}/caps.csv", "--caption_column": "text"},
-     r"'text' is not in caps\.csv; its columns are \['prompt', 'id'\]"),
-    ("jsonl column missing", {"--caption_file": "{root}/caps.jsonl", "--caption_column": "text"},
-     r"'text' is not in caps\.jsonl; its columns are \['prompt', 'id'\]"),
-    ("captions empty after cleaning", {"--caption_file": "{root}/blank.jsonl", "--caption_column": "prompt"},
-     r"blank\.jsonl holds no captions after cleaning \(3 entries"),
-    ("only non-UTF-8 lines", {"--caption_file": "{root}/latin1.txt"},
-     r"latin1\.txt holds no captions .*2 line\(s\) skipped as not valid UTF-8"),
-    ("teacher is Stable Diffusion", {"--pretrained_model_name_or_path": "{root}/sd-teacher"},
-     r"sd-teacher is a StableDiffusionPipeline \(transformer None\), not a PixArt-alpha or PixArt-Σ pipeline"),
-    ("teacher without model_index.json", {"--pretrained_model_name_or_path": "{teacher}/transformer"},
-     r"is not a diffusers pipeline \(no model_index\.json; found \['config\.json', 'diffusion_pytorch_model\.safetensors'\]\)"),
-    ("resolution differs from teacher", {"--resolution": "512"}, r"--resolution 512 does not match the teacher, which was trained at 64 px"),
+    (
+        "caption file is a broken link",
+        {"--caption_file": "{root}/broken.txt"},
+        r"broken\.txt is a broken link to \S*gone\.txt",
+    ),
+    (
+        "csv column missing",
+        {"--caption_file": "{root}/caps.csv", "--caption_column": "text"},
+        r"'text' is not in caps\.csv; its columns are \['prompt', 'id'\]",
+    ),
+    (
+        "jsonl column missing",
+        {"--caption_file": "{root}/caps.jsonl", "--caption_column": "text"},
+        r"'text' is not in caps\.jsonl; its columns are \['prompt', 'id'\]",
+    ),
+    (
+        "captions empty after cleaning",
+        {"--caption_file": "{root}/blank.jsonl", "--caption_column": "prompt"},
+        r"blank\.jsonl holds no captions after cleaning \(3 entries",
+    ),
+    (
+        "only non-UTF-8 lines",
+        {"--caption_file": "{root}/latin1.txt"},
+        r"latin1\.txt holds no captions .*2 line\(s\) skipped as not valid UTF-8",
+    ),
+    (
+        "teacher is Stable Diffusion",
+        {"--pretrained_model_name_or_path": "{root}/sd-teacher"},
+        r"sd-teacher is a StableDiffusionPipeline \(transformer None\), not a PixArt-alpha or PixArt-Σ pipeline",
+    ),
+    (
+        "teacher without model_index.json",
+        {"--pretrained_model_name_or_path": "{teacher}/transformer"},
+        r"is not a diffusers pipeline \(no model_index\.json; found "
+        r"\['config\.json', 'diffusion_pytorch_model\.safetensors'\]\)",
+    ),
+    (
+        "resolution differs from teacher",
+        {"--resolution": "512"},
+        r"--resolution 512 does not match the teacher, which was trained at 64 px",
+    ),
     ("output_dir is a file", {"--output_dir": "{root}/a-file"}, r"--output_dir \S*a-file is a file"),
     ("batch size 0", {"--train_batch_size": "0"}, r"--train_batch_size must be >= 1, got 0"),
     ("max steps 0", {"--max_train_steps": "0"}, r"--max_train_steps must be >= 1, got 0"),
-    ("regression every 0", {"--regression_every": "0"}, r"Need --regression_loss_weight >= 0, --regression_every >= 1 .* got 1\.0, 0, 8"),
-    ("negative regression warm-up", {"--regression_warmup_steps": "-1"}, r"Need --regression_warmup_steps >= 0 .* got -1, None"),
+    (
+        "regression every 0",
+        {"--regression_every": "0"},
+        r"Need --regression_loss_weight >= 0, --regression_every >= 1 .* got 1\.0, 0, 8",
+    ),
+    (
+        "negative regression warm-up",
+        {"--regression_warmup_steps": "-1"},
+        r"Need --regression_warmup_steps >= 0 .* got -1, None",
+    ),
     ("regression c 0", {"--regression_huber_c": "0"}, r"Need --regression_huber_c > 0, got 0\.0"),
-    ("warm-up beta1 of 1", {"--regression_warmup_adam_beta1": "1"}, r"Need 0 <= --regression_warmup_adam_beta1 < 1, got 1\.0"),
-    ("warm-up without the regression term", {"--regression_warmup_steps": "10", "--regression_loss_weight": "0"}, r"--regression_warmup_steps trains on the regression term"),
+    (
+        "warm-up beta1 of 1",
+        {"--regression_warmup_adam_beta1": "1"},
+        r"Need 0 <= --regression_warmup_adam_beta1 < 1, got 1\.0",
+    ),
+    (
+        "warm-up without the regression term",
+        {"--regression_warmup_steps": "10", "--regression_loss_weight": "0"},
+        r"--regression_warmup_steps trains on the regression term",
+    ),
     ("unknown divergence", {"--divergence": "kl"}, r"Unknown --divergence 'kl'; choose one of sim, "),
-    ("unknown tracker", {"--report_to": "mlflow"}, r"Unknown --report_to 'mlflow'; choose one of tensorboard, wandb, all, none"),
-    ("xformers missing", {"--enable_xformers_memory_efficient_attention": None}, r"needs xformers: pip install xformers"),
+    (
+        "unknown tracker",
+        {"--report_to": "mlflow"},
+        r"Unknown --report_to 'mlflow'; choose one of tensorboard, wandb, all, none",
+    ),
+    (
+        "xformers missing",
+        {"--enable_xformers_memory_efficient_attention": None},
+        r"needs xformers: pip install xformers",
+    ),
     ("bitsandbytes missing", {"--use_8bit_adam": None}, r"--use_8bit_adam needs bitsandbytes"),
     ("push without token", {"--push_to_hub": None}, r"--push_to_hub needs a Hub token"),
-    ("resume from nothing", {"--resume_from_checkpoint": "{root}/nowhere"}, r"--resume_from_checkpoint \S*nowhere: no complete checkpoint there"),
+    (
+        "resume from nothing",
+        {"--resume_from_checkpoint": "{root}/nowhere"},
+        r"--resume_from_checkpoint \S*nowhere: no complete checkpoint there",
+    ),
 ]
 
 
 def trainer_argv(files, overrides, output_dir):
     options = {
-        "--pretrained_model_name_or_path": "{teacher}", "--caption_file": "{root}/caps.txt", "--output_dir": str(output_dir),
-        "--max_train_steps": "2", "--train_batch_size": "1", "--report_to": "none",
+        "--pretrained_model_name_or_path": "{teacher}",
+        "--caption_file": "{root}/caps.txt",
+        "--output_dir": str(output_dir),
+        "--max_train_steps": "2",
+        "--train_batch_size": "1",
+        "--report_to": "none",
     }
     options.update(overrides)
     argv = []
@@ -276,7 +370,9 @@ def no_hub_token(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens")
+    )
 
 
 def run_main(trainer, argv, capsys):
@@ -288,7 +384,9 @@ def run_main(trainer, argv, capsys):
     return code, captured.out, captured.err, seconds
 
 
-@pytest.mark.parametrize("overrides, pattern", [row[1:] for row in BAD_INPUT_ROWS], ids=[row[0] for row in BAD_INPUT_ROWS])
+@pytest.mark.parametrize(
+    "overrides, pattern", [row[1:] for row in BAD_INPUT_ROWS], ids=[row[0] for row in BAD_INPUT_ROWS]
+)
 def test_bad_input_fails_fast_with_one_line(trainer, bad_inputs, overrides, pattern, tmp_path, capsys, no_hub_token):
     if "--enable_xformers_memory_efficient_attention" in overrides and importlib.util.find_spec("xformers"):
         pytest.skip("xformers is installed")
@@ -324,10 +422,17 @@ def test_resume_latest_without_a_checkpoint_starts_fresh_and_says_so(trainer, ba
 def test_bad_input_from_the_command_line(bad_inputs, tmp_path):
     """The real CLI: one line and exit 2 for an error; the UTF-8 skip count and the fresh start are printed."""
     base = [sys.executable, str(TRAINER_SCRIPT)]
-    bad = subprocess.run(base + trainer_argv(bad_inputs, {"--train_batch_size": "0"}, tmp_path / "a"), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        base + trainer_argv(bad_inputs, {"--train_batch_size": "0"}, tmp_path / "a"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr == "error: --train_batch_size must be >= 1, got 0.\n", bad.stderr
     overrides = {"--caption_file": "{root}/mixed.txt", "--resume_from_checkpoint": "latest", "--dry_run": None}
-    dry = subprocess.run(base + trainer_argv(bad_inputs, overrides, tmp_path / "b"), capture_output=True, text=True, timeout=120)
+    dry = subprocess.run(
+        base + trainer_argv(bad_inputs, overrides, tmp_path / "b"), capture_output=True, text=True, timeout=120
+    )
     assert dry.returncode == 0, dry.stderr
     assert "Skipped 1 line(s)" in dry.stderr and "starting a fresh run" in dry.stderr and "Traceback" not in dry.stderr
 
@@ -374,7 +479,9 @@ def test_commit_publishes_only_a_complete_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-3"] and (tmp_path / "checkpoint-3" / "new").exists()
 
 
-@pytest.mark.parametrize("limit, kept", [(None, [1, 2, 3, 4, 5]), (0, [1, 2, 3, 4, 5]), (1, [5]), (2, [4, 5]), (9, [1, 2, 3, 4, 5])])
+@pytest.mark.parametrize(
+    "limit, kept", [(None, [1, 2, 3, 4, 5]), (0, [1, 2, 3, 4, 5]), (1, [5]), (2, [4, 5]), (9, [1, 2, 3, 4, 5])]
+)
 def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path, limit, kept):
     for step in range(1, 6):
         make_checkpoint(tmp_path, f"checkpoint-{step}")
@@ -498,13 +605,19 @@ def test_trainer_upload_failure_prints_retry_command_not_the_token(trainer, pipe
     before = snapshot(pipeline_dir)
     error = RuntimeError(f"401 Client Error: Unauthorized (token {TOKEN})")
     args = argparse.Namespace(hub_model_id="me/sim-tiny", hub_token=TOKEN, hub_private_repo=True)
-    with mock.patch("huggingface_hub.create_repo") as create_repo, mock.patch("huggingface_hub.upload_folder") as upload_folder:
+    with (
+        mock.patch("huggingface_hub.create_repo") as create_repo,
+        mock.patch("huggingface_hub.upload_folder") as upload_folder,
+    ):
         create_repo.return_value.repo_id = "me/sim-tiny"
         {"create_repo": create_repo, "upload_folder": upload_folder}[failing].side_effect = error
         trainer.push(args, pipeline_dir)
     err = capsys.readouterr().err
     assert f"error: upload to me/sim-tiny failed (RuntimeError); {pipeline_dir} is complete." in err
-    assert f"Retry with: python -m sim_diffusers.training.hub '{pipeline_dir}' --hub_model_id me/sim-tiny --private" in err
+    assert (
+        f"Retry with: python -m sim_diffusers.training.hub '{pipeline_dir}' --hub_model_id me/sim-tiny --private"
+        in err
+    )
     assert TOKEN not in err and TOKEN not in caplog.text
     assert snapshot(pipeline_dir) == before
 
@@ -518,7 +631,10 @@ def test_hub_cli_upload_failure_does_not_print_the_token(pipeline_dir, capsys, c
 
 
 def test_hub_cli_uploads_without_checkpoints(pipeline_dir):
-    with mock.patch("huggingface_hub.create_repo") as create_repo, mock.patch("huggingface_hub.upload_folder") as upload_folder:
+    with (
+        mock.patch("huggingface_hub.create_repo") as create_repo,
+        mock.patch("huggingface_hub.upload_folder") as upload_folder,
+    ):
         create_repo.return_value.repo_id = "me/sim-tiny"
         assert hub.main([str(pipeline_dir), "--hub_model_id", "me/sim-tiny", "--hub_token", TOKEN, "--private"]) == 0
     assert create_repo.call_args.kwargs["private"] is True and create_repo.call_args.kwargs["token"] == TOKEN
@@ -528,8 +644,13 @@ def test_hub_cli_uploads_without_checkpoints(pipeline_dir):
 
 
 def test_hub_cli_without_a_pipeline_exits_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "sim_diffusers.training.hub", str(tmp_path), "--hub_model_id", "me/x"],
-                            capture_output=True, text=True, timeout=120, cwd=conftest.REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "sim_diffusers.training.hub", str(tmp_path), "--hub_model_id", "me/x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=conftest.REPO,
+    )
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path} holds no complete pipeline (no model_index.json).\n"
 
@@ -548,7 +669,9 @@ def test_weights_are_safetensors_and_accelerate_state_loads_weights_only(uninter
         for path in all_files(output_dir):
             if path.suffix not in PICKLE_SUFFIXES:
                 continue
-            in_checkpoint = checkpointing.CHECKPOINT_PATTERN.match(path.parent.name) and path.parent.parent == output_dir
+            in_checkpoint = (
+                checkpointing.CHECKPOINT_PATTERN.match(path.parent.name) and path.parent.parent == output_dir
+            )
             assert in_checkpoint and ACCELERATE_STATE_FILE.match(path.name), f"{path} is a pickle-based file"
             if path.suffix == ".bin":  # optimiser and scheduler states: tensors and plain Python values only
                 torch.load(path, weights_only=True)
@@ -558,11 +681,15 @@ def test_weights_are_safetensors_and_accelerate_state_loads_weights_only(uninter
         assert {"transformer", "vae", "text_encoder"} <= {p.parent.name for p in weights}
         for checkpoint in checkpointing.complete_checkpoints(output_dir):
             assert {"generator", "fake_score"} <= {p.parent.name for p in checkpoint.rglob("*.safetensors")}
-            assert not list(checkpoint.glob("custom_checkpoint_*"))  # Accelerate unpickles those with weights_only=False
+            assert not list(
+                checkpoint.glob("custom_checkpoint_*")
+            )  # Accelerate unpickles those with weights_only=False
 
 
 def test_regression_warmup_defaults_on_with_the_regression_term_and_off_without(trainer):
     base = ["--pretrained_model_name_or_path", "t", "--caption_file", "c.txt"]
     assert trainer.parse_args(base).regression_warmup_steps == trainer.DEFAULT_REGRESSION_WARMUP_STEPS > 0
-    assert trainer.parse_args(base + ["--regression_loss_weight", "0"]).regression_warmup_steps == 0  # plain SIM as asked
+    assert (
+        trainer.parse_args(base + ["--regression_loss_weight", "0"]).regression_warmup_steps == 0
+    )  # plain SIM as asked
     assert trainer.parse_args(base + ["--regression_warmup_steps", "7"]).regression_warmup_steps == 7

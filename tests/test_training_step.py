@@ -20,7 +20,12 @@ def parts():
     teacher = components["transformer"]
     generator = copy.deepcopy(teacher).requires_grad_(True)
     torch.manual_seed(1)
-    cond = Conditioning(torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long), torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long))
+    cond = Conditioning(
+        torch.randn(2, 6, 32),
+        torch.ones(2, 6, dtype=torch.long),
+        torch.randn(2, 6, 32),
+        torch.ones(2, 6, dtype=torch.long),
+    )
     return teacher, generator, cond, alphas_cumprod_of(components["scheduler"])
 
 
@@ -29,7 +34,9 @@ def generator_step(networks, generator, cond, alphas_cumprod, divergence="sim", 
     z, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     x0 = one_step_generate(generator, z, 440, alphas_cumprod, cond.prompt_embeds, cond.prompt_attention_mask)
     x0.retain_grad()
-    loss, _ = generator_update_loss(networks, x0, torch.tensor([300, 700]), noise, cond, alphas_cumprod, get_divergence(divergence), 4.5, "sigma2")
+    loss, _ = generator_update_loss(
+        networks, x0, torch.tensor([300, 700]), noise, cond, alphas_cumprod, get_divergence(divergence), 4.5, "sigma2"
+    )
     loss.backward()
     return x0.grad
 
@@ -67,7 +74,9 @@ def test_sim_gradient_flows_through_the_teacher_and_dmd_does_not(parts):
 
     detached = NoInputGradTeacher(networks.teacher, networks.fake_score, lora=False)
     grad_detached = generator_step(detached, generator, cond, alphas_cumprod, "sim")
-    assert (grad_sim - grad_detached).abs().max() > 1e-3 * grad_sim.abs().max()  # the teacher path is in SIM's gradient
+    assert (
+        grad_sim - grad_detached
+    ).abs().max() > 1e-3 * grad_sim.abs().max()  # the teacher path is in SIM's gradient
     assert not get_divergence("dmd").needs_input_grad and get_divergence("sim").needs_input_grad
     generator_step(networks, generator, cond, alphas_cumprod, "dmd")  # runs with teacher and F under no_grad
 
@@ -81,7 +90,9 @@ def test_lora_teacher_mode_is_the_untouched_teacher(parts):
     t = torch.tensor([100, 800])
     with torch.no_grad():
         eps_teacher = networks.teacher_eps(x, t, cond.cond, cond.uncond, 4.5)
-        eps_reference = networks.teacher_eps.__func__(ScoreNetworks(reference, reference, lora=False), x, t, cond.cond, cond.uncond, 4.5)
+        eps_reference = networks.teacher_eps.__func__(
+            ScoreNetworks(reference, reference, lora=False), x, t, cond.cond, cond.uncond, 4.5
+        )
         eps_fake = networks.fake_eps(x, t, cond.cond)
         eps_base = ScoreNetworks(reference, reference, lora=False).fake_eps(x, t, cond.cond)
     torch.testing.assert_close(eps_teacher, eps_reference)
@@ -120,5 +131,7 @@ def test_activation_checkpointing_gives_the_same_gradients(parts, lora_rank):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
     # F's own update under checkpointing trains F only.
     x0 = torch.randn(2, 4, 8, 8)
-    fake_score_update_loss(checkpointed, None, x0, torch.tensor([50, 900]), torch.randn(2, 4, 8, 8), cond, alphas_cumprod).backward()
+    fake_score_update_loss(
+        checkpointed, None, x0, torch.tensor([50, 900]), torch.randn(2, 4, 8, 8), cond, alphas_cumprod
+    ).backward()
     assert all(p.grad is not None for p in checkpointed.fake_score_parameters())

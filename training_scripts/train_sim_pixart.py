@@ -62,116 +62,236 @@ def parse_args(input_args=None):
 
 def _teacher_and_caption_args(parser):
     g = parser.add_argument_group("teacher")
-    g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Hub id or local folder of a PixArt-alpha or PixArt-Σ pipeline (the teacher; its family is "
-                   "read from its model_index.json).")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="Hub id or local folder of a PixArt-alpha or PixArt-Σ pipeline (the teacher; its family is "
+        "read from its model_index.json).",
+    )
     g.add_argument("--revision", default=None, help="Hub revision of the teacher.")
     g.add_argument("--variant", default=None, help="Weight variant of the teacher's files, e.g. fp16.")
     g.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
 
     g = parser.add_argument_group("captions (no images are needed)")
-    g.add_argument("--caption_file", default=None,
-                   help="A .txt file (one caption per line) or .csv/.jsonl/.json/.parquet with --caption_column. "
-                   "Lines that are not UTF-8 are skipped and counted.")
-    g.add_argument("--dataset_name", default=None, help="A `datasets` dataset (Hub id or local folder) holding captions.")
+    g.add_argument(
+        "--caption_file",
+        default=None,
+        help="A .txt file (one caption per line) or .csv/.jsonl/.json/.parquet with --caption_column. "
+        "Lines that are not UTF-8 are skipped and counted.",
+    )
+    g.add_argument(
+        "--dataset_name", default=None, help="A `datasets` dataset (Hub id or local folder) holding captions."
+    )
     g.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
     g.add_argument("--caption_column", default=None, help="Column with the captions (tables and datasets).")
-    g.add_argument("--clean_caption", action=argparse.BooleanOptionalAction, default=True,
-                   help="Clean captions as PixArt-alpha does (same default as the pipeline, so training and inference "
-                   "agree).")
-    g.add_argument("--max_sequence_length", type=int, default=None,
-                   help="T5 tokens per caption; default: the teacher family's (PixArt-alpha 120, PixArt-Σ 300).")
-    g.add_argument("--text_embedding_cache", default=None, metavar="DIR",
-                   help="Encode every caption once with T5 into safetensors shards in DIR, then train without T5 in "
-                   "memory. Reused when it matches.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="Accepted for compatibility with diffusers scripts; captions stream from memory, so no worker "
-                   "processes are used.")
+    g.add_argument(
+        "--clean_caption",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Clean captions as PixArt-alpha does (same default as the pipeline, so training and inference agree).",
+    )
+    g.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 tokens per caption; default: the teacher family's (PixArt-alpha 120, PixArt-Σ 300).",
+    )
+    g.add_argument(
+        "--text_embedding_cache",
+        default=None,
+        metavar="DIR",
+        help="Encode every caption once with T5 into safetensors shards in DIR, then train without T5 in "
+        "memory. Reused when it matches.",
+    )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Accepted for compatibility with diffusers scripts; captions stream from memory, so no worker "
+        "processes are used.",
+    )
 
 
 def _output_and_optimisation_args(parser):
     g = parser.add_argument_group("output")
-    g.add_argument("--output_dir", default="sim-pixart", help="Where the pipeline, checkpoints, logs and model card go.")
-    g.add_argument("--seed", type=int, default=0,
-                   help="Seed of the caption order, noise and timesteps (per sample, so independent of the number of "
-                   "processes).")
-    g.add_argument("--resolution", type=int, default=None,
-                   help="Training resolution; must match the teacher (512 or 1024); default: the teacher's.")
+    g.add_argument(
+        "--output_dir", default="sim-pixart", help="Where the pipeline, checkpoints, logs and model card go."
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the caption order, noise and timesteps (per sample, so independent of the number of processes).",
+    )
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Training resolution; must match the teacher (512 or 1024); default: the teacher's.",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=4, help="Samples per device per micro-step.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimiser step.")
-    g.add_argument("--max_train_steps", type=int, default=10000,
-                   help="Optimiser steps in total; a resumed run may raise it to train longer.")
+    g.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=10000,
+        help="Optimiser steps in total; a resumed run may raise it to train longer.",
+    )
     g.add_argument("--learning_rate", type=float, default=OPTIMIZER.learning_rate, help="Generator learning rate.")
-    g.add_argument("--fake_score_learning_rate", type=float, default=OPTIMIZER.fake_score_learning_rate,
-                   help="Fake-score learning rate (higher than the generator's: F must track the generator).")
-    g.add_argument("--adam_beta1", type=float, default=OPTIMIZER.adam_beta1,
-                   help="Adam beta1 of both networks (0, as SiD: momentum on a moving target hurts).")
+    g.add_argument(
+        "--fake_score_learning_rate",
+        type=float,
+        default=OPTIMIZER.fake_score_learning_rate,
+        help="Fake-score learning rate (higher than the generator's: F must track the generator).",
+    )
+    g.add_argument(
+        "--adam_beta1",
+        type=float,
+        default=OPTIMIZER.adam_beta1,
+        help="Adam beta1 of both networks (0, as SiD: momentum on a moving target hurts).",
+    )
     g.add_argument("--adam_beta2", type=float, default=OPTIMIZER.adam_beta2, help="Adam beta2 of both networks.")
     g.add_argument("--adam_weight_decay", type=float, default=OPTIMIZER.adam_weight_decay, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=OPTIMIZER.adam_epsilon, help="Adam epsilon.")
-    g.add_argument("--max_grad_norm", type=float, default=ITERATION.max_grad_norm,
-                   help="Gradient clipping of both networks (<= 0 disables).")
-    g.add_argument("--lr_scheduler", default=OPTIMIZER.lr_scheduler,
-                   help="diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...")
-    g.add_argument("--lr_warmup_steps", type=int, default=OPTIMIZER.lr_warmup_steps,
-                   help="Warm-up steps of the learning-rate schedule.")
+    g.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=ITERATION.max_grad_norm,
+        help="Gradient clipping of both networks (<= 0 disables).",
+    )
+    g.add_argument(
+        "--lr_scheduler",
+        default=OPTIMIZER.lr_scheduler,
+        help="diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...",
+    )
+    g.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=OPTIMIZER.lr_warmup_steps,
+        help="Warm-up steps of the learning-rate schedule.",
+    )
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
-    g.add_argument("--max_consecutive_nonfinite_steps", type=int, default=10,
-                   help="Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
+    g.add_argument(
+        "--max_consecutive_nonfinite_steps",
+        type=int,
+        default=10,
+        help="Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).",
+    )
 
 
 def _objective_args(parser):
     g = parser.add_argument_group("SIM objective")
-    g.add_argument("--divergence", default=ITERATION.divergence,
-                   help="Generator objective: sim (pseudo-Huber, the paper's), sim_l2, sid, dmd.")
-    g.add_argument("--guidance_scale", type=float, default=ITERATION.guidance_scale,
-                   help="Classifier-free guidance of the teacher inside the loss (PixArt's default 4.5).")
-    g.add_argument("--conditioning_timestep", type=int, default=None,
-                   help="t* of the one-step generator; default: VE sigma 2.5 (t = 440). Fixed for the model's life.")
-    g.add_argument("--huber_c", type=float, default=ITERATION.huber_c,
-                   help="Pseudo-Huber c in score units; default scales with sqrt(latent elements) (sim_diffusers.losses).")
-    g.add_argument("--sid_alpha", type=float, default=ITERATION.sid_alpha,
-                   help="alpha of --divergence sid (default: sim_diffusers.losses).")
-    g.add_argument("--loss_weighting", default=ITERATION.loss_weighting,
-                   help="w(t) of the generator loss: sigma2, uniform, ... (sim_diffusers.losses).")
+    g.add_argument(
+        "--divergence",
+        default=ITERATION.divergence,
+        help="Generator objective: sim (pseudo-Huber, the paper's), sim_l2, sid, dmd.",
+    )
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=ITERATION.guidance_scale,
+        help="Classifier-free guidance of the teacher inside the loss (PixArt's default 4.5).",
+    )
+    g.add_argument(
+        "--conditioning_timestep",
+        type=int,
+        default=None,
+        help="t* of the one-step generator; default: VE sigma 2.5 (t = 440). Fixed for the model's life.",
+    )
+    g.add_argument(
+        "--huber_c",
+        type=float,
+        default=ITERATION.huber_c,
+        help="Pseudo-Huber c in score units; default scales with sqrt(latent elements) (sim_diffusers.losses).",
+    )
+    g.add_argument(
+        "--sid_alpha",
+        type=float,
+        default=ITERATION.sid_alpha,
+        help="alpha of --divergence sid (default: sim_diffusers.losses).",
+    )
+    g.add_argument(
+        "--loss_weighting",
+        default=ITERATION.loss_weighting,
+        help="w(t) of the generator loss: sigma2, uniform, ... (sim_diffusers.losses).",
+    )
     g.add_argument("--min_timestep", type=int, default=DEFAULT_T_MIN, help="Smallest t of both updates.")
     g.add_argument("--max_timestep", type=int, default=DEFAULT_T_MAX, help="Largest t of both updates.")
-    g.add_argument("--regression_loss_weight", type=float, default=ITERATION.regression_loss_weight,
-                   help="Weight of the teacher-ODE regression term (DMD's) in the generator loss: it keeps every mode "
-                   "of each caption (plain SIM collapses to one; docs/ground_truth.md). 0 disables it.")
-    g.add_argument("--regression_every", type=int, default=ITERATION.regression_every,
-                   help="One sample in N (by global sample index) also gets a regression target: the teacher's ODE "
-                   "from the generator's own noise.")
-    g.add_argument("--regression_num_inference_steps", type=int, default=ITERATION.regression_num_inference_steps,
-                   help="DPM-Solver++ steps of the teacher for each regression target (2 forwards each with guidance, "
-                   "no backward).")
-    g.add_argument("--regression_distance", default=ITERATION.regression_distance, choices=["l2", "pseudo_huber"],
-                   help="Distance of the regression term next to the divergence: l2 (mean squared error, DMD's; its "
-                   "pull grows with the error, which is what holds every mode against SIM's drive) or pseudo_huber.")
-    g.add_argument("--regression_warmup_distance", default=ITERATION.regression_warmup_distance,
-                   choices=["pseudo_huber", "l2"],
-                   help="Distance of the regression term during the warm-up: pseudo_huber (the mean squared error for "
-                   "small errors, linear beyond c, so a blend of two modes is not favoured over committing to one; "
-                   "sharper and faster than l2 in docs/ground_truth.md) or l2.")
-    g.add_argument("--regression_huber_c", type=float, default=ITERATION.regression_huber_c,
-                   help="c of the pseudo_huber regression distance, in latent units (default: 0.03 sqrt(latent "
-                   "elements), as --huber_c).")
-    g.add_argument("--regression_warmup_steps", type=int, default=None,
-                   help="First N steps: the generator learns from the regression term alone, on every sample (no "
-                   "divergence), at --regression_warmup_learning_rate; the fake score trains as usual, so it is "
-                   f"current when the divergence starts. Default: {DEFAULT_REGRESSION_WARMUP_STEPS} with the "
-                   "regression term on, 0 with it off.")
-    g.add_argument("--regression_warmup_learning_rate", type=float, default=ITERATION.regression_warmup_learning_rate,
-                   help="Generator learning rate during the regression warm-up (default: 10x --learning_rate).")
-    g.add_argument("--regression_warmup_adam_beta1", type=float, default=ITERATION.regression_warmup_adam_beta1,
-                   help="Adam beta1 of the generator during the regression warm-up; --adam_beta1 again after it. A "
-                   "plain regression has a fixed target, so momentum helps it where SIM's moving target does not "
-                   "(docs/ground_truth.md).")
-    g.add_argument("--fake_score_lora_rank", type=int, default=0,
-                   help="0: F is a full copy of the teacher. >0: F is a LoRA of this rank on the frozen teacher (peft), "
-                   "saving a model copy and its Adam states.")
+    g.add_argument(
+        "--regression_loss_weight",
+        type=float,
+        default=ITERATION.regression_loss_weight,
+        help="Weight of the teacher-ODE regression term (DMD's) in the generator loss: it keeps every mode "
+        "of each caption (plain SIM collapses to one; docs/ground_truth.md). 0 disables it.",
+    )
+    g.add_argument(
+        "--regression_every",
+        type=int,
+        default=ITERATION.regression_every,
+        help="One sample in N (by global sample index) also gets a regression target: the teacher's ODE "
+        "from the generator's own noise.",
+    )
+    g.add_argument(
+        "--regression_num_inference_steps",
+        type=int,
+        default=ITERATION.regression_num_inference_steps,
+        help="DPM-Solver++ steps of the teacher for each regression target (2 forwards each with guidance, "
+        "no backward).",
+    )
+    g.add_argument(
+        "--regression_distance",
+        default=ITERATION.regression_distance,
+        choices=["l2", "pseudo_huber"],
+        help="Distance of the regression term next to the divergence: l2 (mean squared error, DMD's; its "
+        "pull grows with the error, which is what holds every mode against SIM's drive) or pseudo_huber.",
+    )
+    g.add_argument(
+        "--regression_warmup_distance",
+        default=ITERATION.regression_warmup_distance,
+        choices=["pseudo_huber", "l2"],
+        help="Distance of the regression term during the warm-up: pseudo_huber (the mean squared error for "
+        "small errors, linear beyond c, so a blend of two modes is not favoured over committing to one; "
+        "sharper and faster than l2 in docs/ground_truth.md) or l2.",
+    )
+    g.add_argument(
+        "--regression_huber_c",
+        type=float,
+        default=ITERATION.regression_huber_c,
+        help="c of the pseudo_huber regression distance, in latent units (default: 0.03 sqrt(latent "
+        "elements), as --huber_c).",
+    )
+    g.add_argument(
+        "--regression_warmup_steps",
+        type=int,
+        default=None,
+        help="First N steps: the generator learns from the regression term alone, on every sample (no "
+        "divergence), at --regression_warmup_learning_rate; the fake score trains as usual, so it is "
+        f"current when the divergence starts. Default: {DEFAULT_REGRESSION_WARMUP_STEPS} with the "
+        "regression term on, 0 with it off.",
+    )
+    g.add_argument(
+        "--regression_warmup_learning_rate",
+        type=float,
+        default=ITERATION.regression_warmup_learning_rate,
+        help="Generator learning rate during the regression warm-up (default: 10x --learning_rate).",
+    )
+    g.add_argument(
+        "--regression_warmup_adam_beta1",
+        type=float,
+        default=ITERATION.regression_warmup_adam_beta1,
+        help="Adam beta1 of the generator during the regression warm-up; --adam_beta1 again after it. A "
+        "plain regression has a fixed target, so momentum helps it where SIM's moving target does not "
+        "(docs/ground_truth.md).",
+    )
+    g.add_argument(
+        "--fake_score_lora_rank",
+        type=int,
+        default=0,
+        help="0: F is a full copy of the teacher. >0: F is a LoRA of this rank on the frozen teacher (peft), "
+        "saving a model copy and its Adam states.",
+    )
     g.add_argument("--fake_score_lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the generator; it is what gets saved.")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay.")
@@ -179,23 +299,40 @@ def _objective_args(parser):
 
 def _run_args(parser):
     g = parser.add_argument_group("precision and memory")
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="Default: Accelerate's config. bf16 recommended on CUDA; trainable weights stay fp32.")
+    g.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: Accelerate's config. bf16 recommended on CUDA; trainable weights stay fp32.",
+    )
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer.")
-    g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Checkpoint activations of G, F and (in the generator step) the teacher.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                   help="xformers attention instead of PyTorch SDPA.")
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Checkpoint activations of G, F and (in the generator step) the teacher.",
+    )
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="xformers attention instead of PyTorch SDPA.",
+    )
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    g.add_argument("--resume_from_checkpoint", default=None,
-                   help="A checkpoint folder, or `latest` (starts fresh when there is none).")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="A checkpoint folder, or `latest` (starts fresh when there is none).",
+    )
 
     g = parser.add_argument_group("validation")
-    g.add_argument("--validation_prompts", nargs="*", default=None,
-                   help="Prompts rendered every --validation_steps from the live generator.")
+    g.add_argument(
+        "--validation_prompts",
+        nargs="*",
+        default=None,
+        help="Prompts rendered every --validation_steps from the live generator.",
+    )
     g.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps (and at the end).")
     g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt (fixed seeds).")
 
@@ -203,14 +340,19 @@ def _run_args(parser):
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     g.add_argument("--logging_dir", default="logs", help="Tracker directory, relative to --output_dir.")
     g.add_argument("--tracker_project_name", default="sim-pixart", help="Project name of the trackers.")
-    g.add_argument("--push_to_hub", action="store_true",
-                   help="Upload output_dir (without checkpoints) to the Hub at the end.")
+    g.add_argument(
+        "--push_to_hub", action="store_true", help="Upload output_dir (without checkpoints) to the Hub at the end."
+    )
     g.add_argument("--hub_model_id", default=None, help="Repo id for --push_to_hub (default: output_dir's name).")
-    g.add_argument("--hub_token", default=None,
-                   help="Hub token (default: HF_TOKEN or the stored login). Never logged or saved.")
+    g.add_argument(
+        "--hub_token", default=None, help="Hub token (default: HF_TOKEN or the stored login). Never logged or saved."
+    )
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
-    g.add_argument("--dry_run", action="store_true",
-                   help="Validate arguments and inputs, print the resolved configuration, and exit.")
+    g.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Validate arguments and inputs, print the resolved configuration, and exit.",
+    )
 
 
 def main(args):
@@ -244,7 +386,13 @@ def train(args, caption_set, teacher_facts, resume_path):
     from sim_diffusers.training import faults
     from sim_diffusers.training.captions import CaptionStream
     from sim_diffusers.training.iteration import SIMIteration
-    from sim_diffusers.training.run import StepBatches, StepLog, TrainingState, log_validation, register_checkpoint_hooks
+    from sim_diffusers.training.run import (
+        StepBatches,
+        StepLog,
+        TrainingState,
+        log_validation,
+        register_checkpoint_hooks,
+    )
 
     accelerator, output_dir, weight_dtype = set_up(args)
     device = accelerator.device
@@ -278,12 +426,25 @@ def train(args, caption_set, teacher_facts, resume_path):
     stream = CaptionStream(caption_set.captions, args.seed, global_batch, args.min_timestep, args.max_timestep)
     latent_side = teacher_facts["native_resolution"] // one_step.vae_scale_factor
     batches = StepBatches(
-        stream, text, generator, teacher_facts["native_resolution"], (generator.config.in_channels, latent_side, latent_side),
-        args.train_batch_size, args.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes,
-        device, weight_dtype,
+        stream,
+        text,
+        generator,
+        teacher_facts["native_resolution"],
+        (generator.config.in_channels, latent_side, latent_side),
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        accelerator.process_index,
+        accelerator.num_processes,
+        device,
+        weight_dtype,
     )
     step_log = StepLog(output_dir / "logs" / "steps.jsonl", state.step, enabled=accelerator.is_main_process)
-    progress = tqdm(range(args.max_train_steps), initial=state.step, desc="SIM steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=state.step,
+        desc="SIM steps",
+        disable=not accelerator.is_local_main_process,
+    )
     tic = time.perf_counter()
 
     # 6. Training loop
@@ -295,7 +456,8 @@ def train(args, caption_set, teacher_facts, resume_path):
         step_log.write(state.step, logs)
         progress.update(1)
         progress.set_postfix(
-            g=f"{logs['loss/generator']:.3g}", f=f"{logs['loss/fake_score']:.3g}",
+            g=f"{logs['loss/generator']:.3g}",
+            f=f"{logs['loss/fake_score']:.3g}",
             samples_s=f"{global_batch * progress.n / max(time.perf_counter() - tic, 1e-9):.1f}",
         )
         if state.consecutive_bad >= args.max_consecutive_nonfinite_steps:
@@ -331,14 +493,18 @@ def set_up(args):
         cpu=multi_process_without_accelerator(),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.clear_temporary(output_dir)  # leftovers of a save interrupted by a crash
         (output_dir / "training_args.json").write_text(json.dumps(public_arguments(vars(args)), indent=2))
-        tracker_config = {k: v for k, v in public_arguments(vars(args)).items() if isinstance(v, (int, float, str, bool))}
+        tracker_config = {
+            k: v for k, v in public_arguments(vars(args)).items() if isinstance(v, (int, float, str, bool))
+        }
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     accelerator.wait_for_everyone()
     if args.allow_tf32 and torch.cuda.is_available():
@@ -356,7 +522,9 @@ def build_networks(args, device, weight_dtype):
 
     load_kwargs = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     teacher_pipe = load_teacher_pipeline(
-        args.pretrained_model_name_or_path, dtype=weight_dtype, **load_kwargs,
+        args.pretrained_model_name_or_path,
+        dtype=weight_dtype,
+        **load_kwargs,
         **({} if needs_text_encoder(args) else {"text_encoder": None}),
     )
     one_step = SIMOneStepPipeline.from_teacher(
@@ -399,10 +567,18 @@ def build_training_models(args, accelerator, generator, networks):
     optimisation = build_optimisation(
         OptimizerConfig.from_namespace(args), generator, networks, args.max_train_steps, accelerator.num_processes
     )
-    generator_ddp, fake_ddp, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(generator, networks.fake_score, *optimisation)
+    generator_ddp, fake_ddp, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
+        generator, networks.fake_score, *optimisation
+    )
     ema = None
     if args.use_ema:
-        ema = EMAModel(generator.parameters(), decay=args.ema_decay, model_cls=type(generator), model_config=generator.config, foreach=True)
+        ema = EMAModel(
+            generator.parameters(),
+            decay=args.ema_decay,
+            model_cls=type(generator),
+            model_config=generator.config,
+            foreach=True,
+        )
         ema.to(accelerator.device)
     return TrainingModels(generator_ddp, networks, fake_ddp, opt_g, sched_g, opt_f, sched_f, ema)
 
@@ -414,7 +590,8 @@ def stop_on_nonfinite_steps(accelerator, output_dir, state) -> int:
     last = checkpointing.latest_checkpoint(output_dir)
     if accelerator.is_main_process:
         print(
-            f"error: {state.consecutive_bad} consecutive non-finite steps, the last at step {state.step - 1}; stopping. "
+            f"error: {state.consecutive_bad} consecutive non-finite steps, the last at step {state.step - 1}; "
+            "stopping. "
             f"Last good checkpoint: {last if last else 'none'}.",
             file=sys.stderr,
         )
@@ -465,8 +642,12 @@ def save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, outpu
         models.ema.copy_to(final.parameters())
     vae = teacher_pipe.vae
     pipe = SIMOneStepPipeline(
-        tokenizer=teacher_pipe.tokenizer, text_encoder=None, vae=vae, transformer=final.float(),
-        scheduler=one_step.scheduler, conditioning_timestep=one_step.conditioning_timestep,
+        tokenizer=teacher_pipe.tokenizer,
+        text_encoder=None,
+        vae=vae,
+        transformer=final.float(),
+        scheduler=one_step.scheduler,
+        conditioning_timestep=one_step.conditioning_timestep,
         max_sequence_length=args.max_sequence_length,
     )
 

@@ -14,22 +14,47 @@ EVALUATION_SEED = 10_000  # the held-out noise every generator is scored on (cap
 
 def add_world_and_teacher_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("world and teacher")
-    group.add_argument("--world", choices=("default", "quick"), default="default",
-                       help="default: 4 captions x 3 modes in a 4x8x8 latent; quick: 2 x 2 in 4x4x4, for CI.")
+    group.add_argument(
+        "--world",
+        choices=("default", "quick"),
+        default="default",
+        help="default: 4 captions x 3 modes in a 4x8x8 latent; quick: 2 x 2 in 4x4x4, for CI.",
+    )
     group.add_argument("--world_seed", type=int, default=0)
     # Teacher training overrides (TeacherConfig); named apart from the distillation's options of the same kind.
-    group.add_argument("--teacher_train_steps", "--train_steps", dest="teacher_train_steps", type=int, default=None,
-                       help="Override the teacher's training steps.")
+    group.add_argument(
+        "--teacher_train_steps",
+        "--train_steps",
+        dest="teacher_train_steps",
+        type=int,
+        default=None,
+        help="Override the teacher's training steps.",
+    )
     group.add_argument("--teacher_batch_size", type=int, default=None, help="Override the teacher's training batch.")
-    group.add_argument("--teacher_learning_rate", type=float, default=None, help="Override the teacher's learning rate.")
-    group.add_argument("--teacher_num_layers", "--num_layers", dest="teacher_num_layers", type=int, default=None,
-                       help="Transformer blocks of the teacher (and so of the generator that starts as its copy).")
-    group.add_argument("--cache_dir", default=None,
-                       help="Where teachers are cached. Default: $SIM_DIFFUSERS_CACHE/ground_truth if set, else "
-                       "$XDG_CACHE_HOME (or ~/.cache)/sim_diffusers/ground_truth.")
+    group.add_argument(
+        "--teacher_learning_rate", type=float, default=None, help="Override the teacher's learning rate."
+    )
+    group.add_argument(
+        "--teacher_num_layers",
+        "--num_layers",
+        dest="teacher_num_layers",
+        type=int,
+        default=None,
+        help="Transformer blocks of the teacher (and so of the generator that starts as its copy).",
+    )
+    group.add_argument(
+        "--cache_dir",
+        default=None,
+        help="Where teachers are cached. Default: $SIM_DIFFUSERS_CACHE/ground_truth if set, else "
+        "$XDG_CACHE_HOME (or ~/.cache)/sim_diffusers/ground_truth.",
+    )
     group.add_argument("--rebuild", action="store_true", help="Retrain even if the teacher is cached.")
-    group.add_argument("--num_threads", type=int, default=1,
-                       help="torch CPU threads. One is the robust choice for these tiny models on a shared machine.")
+    group.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="torch CPU threads. One is the robust choice for these tiny models on a shared machine.",
+    )
 
 
 def world_and_config(args) -> tuple[GaussianMixtureWorld, TeacherConfig]:

@@ -38,8 +38,10 @@ def main(args):
     start = time.perf_counter()
     path = load_or_build_teacher(world, config, args.cache_dir, rebuild=args.rebuild, log_every=args.log_every)
     record = read_teacher_record(path)
-    print(f"teacher: {path}  ({time.perf_counter() - start:.0f}s now; built in {record['build_seconds']}s, "
-          f"training {record['train_seconds']}s, final loss {record['final_loss']:.4f})")
+    print(
+        f"teacher: {path}  ({time.perf_counter() - start:.0f}s now; built in {record['build_seconds']}s, "
+        f"training {record['train_seconds']}s, final loss {record['final_loss']:.4f})"
+    )
     print(f"world: {record['world']}\nteacher config: {record['teacher']}")
     print(accuracy_table(record))
 

@@ -47,12 +47,25 @@ EXAMPLE_SEED = 20_000  # the noise of the figure's example latents (8 per captio
 # at 1e-4. Everything else is the trainer's default, including the 1000-step regression warm-up. Later arguments
 # (after `--`) override these.
 TRAINER_DEFAULTS = [
-    "--train_batch_size", "32", "--guidance_scale", "1.0", "--learning_rate", "1e-5",
-    "--fake_score_learning_rate", "1e-4", "--report_to", "none",
+    "--train_batch_size",
+    "32",
+    "--guidance_scale",
+    "1.0",
+    "--learning_rate",
+    "1e-5",
+    "--fake_score_learning_rate",
+    "1e-4",
+    "--report_to",
+    "none",
 ]
 
-COLUMNS = (("fidelity", "fidelity"), ("coverage", "coverage"), ("weight_tv", "weight TV"), ("mmd", "MMD"),
-           ("off_caption", "off-caption"))
+COLUMNS = (
+    ("fidelity", "fidelity"),
+    ("coverage", "coverage"),
+    ("weight_tv", "weight TV"),
+    ("mmd", "MMD"),
+    ("off_caption", "off-caption"),
+)
 MEANINGS = (
     ("fidelity", "share of samples on a mode of their own caption (1 is perfect; the 20-step teacher is the bar)"),
     ("coverage", "share of each caption's modes that receive at least 10% of their expected samples (1: none lost)"),
@@ -65,8 +78,12 @@ MEANINGS = (
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_world_and_teacher_args(parser)
-    parser.add_argument("--max_train_steps", type=int, default=1400,
-                        help="The trainer's 1000 steps of regression warm-up, then 400 of SIM.")
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=1400,
+        help="The trainer's 1000 steps of regression warm-up, then 400 of SIM.",
+    )
     parser.add_argument("--eval_every", type=int, default=100, help="Checkpoint and evaluation interval.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption.")
@@ -79,11 +96,32 @@ def parse_args(input_args=None):
 
 def run_trainer(teacher, captions_file, output_dir, seed, args) -> float:
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training_scripts" / "train_sim_pixart.py"),
-        "--pretrained_model_name_or_path", str(teacher), "--caption_file", str(captions_file),
-        "--output_dir", str(output_dir), "--seed", str(seed), "--max_train_steps", str(args.max_train_steps),
-        "--checkpointing_steps", str(args.eval_every), *TRAINER_DEFAULTS, *args.trainer_args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "training_scripts" / "train_sim_pixart.py"),
+        "--pretrained_model_name_or_path",
+        str(teacher),
+        "--caption_file",
+        str(captions_file),
+        "--output_dir",
+        str(output_dir),
+        "--seed",
+        str(seed),
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--checkpointing_steps",
+        str(args.eval_every),
+        *TRAINER_DEFAULTS,
+        *args.trainer_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.num_threads), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
@@ -116,8 +154,15 @@ def distil_and_evaluate(teacher, world, captions_file, seed, untrained: dict, ar
         pipe.transformer = PixArtTransformer2DModel.from_pretrained(checkpoint / "generator")
         curve.append({"step": checkpoint_step(checkpoint), **evaluate_generator(pipe, world, args)["mean"]})
     trainer_args = json.loads((run_dir / "training_args.json").read_text())
-    return {"seed": seed, "train_seconds": round(seconds, 1), "final": final, "curve": curve, "run_dir": str(run_dir),
-            "regression_warmup_steps": trainer_args.get("regression_warmup_steps"), "examples": examples}
+    return {
+        "seed": seed,
+        "train_seconds": round(seconds, 1),
+        "final": final,
+        "curve": curve,
+        "run_dir": str(run_dir),
+        "regression_warmup_steps": trainer_args.get("regression_warmup_steps"),
+        "examples": examples,
+    }
 
 
 def baselines(teacher_pipe, world, untrained: dict, args) -> dict:
@@ -147,8 +192,9 @@ def mean_curve(runs: list[dict]) -> list[dict]:
     """The metrics at every evaluated step, averaged over the seeds that reached it."""
     steps = sorted({row["step"] for run in runs for row in run["curve"]})
     rows = [[row for run in runs for row in run["curve"] if row["step"] == step] for step in steps]
-    return [{"step": step, **{k: statistics.fmean(r[k] for r in at) for k in METRIC_KEYS}}
-            for step, at in zip(steps, rows)]
+    return [
+        {"step": step, **{k: statistics.fmean(r[k] for r in at) for k in METRIC_KEYS}} for step, at in zip(steps, rows)
+    ]
 
 
 def _cell(key: str, value: float) -> str:
@@ -167,19 +213,26 @@ def report(name, world, summary, runs, baseline_rows, floor, args) -> str:
         f"Ground-truth benchmark: {world.num_captions} captions x {world.modes_per_caption} modes in "
         f"{'x'.join(map(str, world.latent_shape))} latents, {args.num_samples} samples per caption, "
         f"{args.max_train_steps} training steps, {seeds}.",
-        "", header,
+        "",
+        header,
     ]
     for label, row in (baseline_rows or {}).items():
         lines.append(f"| {label} | " + " | ".join(_cell(k, row["mean"][k]) for k, _ in COLUMNS) + " |")
     spread = len(runs) > 1
-    cells = [_cell(k, summary[k]["mean"]) + (f" ± {_cell(k, summary[k]['std'])}" if spread else "")
-             for k, _ in COLUMNS]
+    cells = [
+        _cell(k, summary[k]["mean"]) + (f" ± {_cell(k, summary[k]['std'])}" if spread else "") for k, _ in COLUMNS
+    ]
     lines.append(f"| **SIM one step: {name}** ({seeds}) | " + " | ".join(cells) + " |")
     lines.append("| exact samples (noise floor) | " + " | ".join(_cell(k, floor[k]) for k, _ in COLUMNS) + " |")
     lines += ["", "What the numbers mean:"]
     lines += [f"  {label:<12} {meaning}" for label, meaning in MEANINGS]
-    lines += ["", f"Over training (step 0 = the untrained generator{', mean over seeds' if spread else ''}):", "",
-              "| step | fidelity | coverage | weight TV | MMD |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Over training (step 0 = the untrained generator{', mean over seeds' if spread else ''}):",
+        "",
+        "| step | fidelity | coverage | weight TV | MMD |",
+        "|---|---|---|---|---|",
+    ]
     for row in mean_curve(runs):
         lines.append(f"| {row['step']} | " + " | ".join(_cell(k, row[k]) for k in METRIC_KEYS[:4]) + " |")
     return "\n".join(lines) + "\n"
@@ -206,8 +259,11 @@ def main(args):
         print(f"[{args.name}] seed {seed}: training {args.max_train_steps} steps...", flush=True)
         runs.append(distil_and_evaluate(teacher, world, captions_file, seed, untrained["mean"], args))
         m = runs[-1]["final"]["mean"]
-        print(f"  fidelity {m['fidelity']:.3f}  coverage {m['coverage']:.3f}  weight TV {m['weight_tv']:.3f}  "
-              f"MMD {m['mmd']:.4f}  ({runs[-1]['train_seconds']:.0f}s)", flush=True)
+        print(
+            f"  fidelity {m['fidelity']:.3f}  coverage {m['coverage']:.3f}  weight TV {m['weight_tv']:.3f}  "
+            f"MMD {m['mmd']:.4f}  ({runs[-1]['train_seconds']:.0f}s)",
+            flush=True,
+        )
     baseline_rows = baselines(teacher_pipe, world, untrained, args) if args.baselines else None
     summary = summarise(runs)
     text = report(args.name, world, summary, runs, baseline_rows, runs[0]["final"]["floor"], args)
@@ -219,16 +275,31 @@ def main(args):
     if baseline_rows:
         references = {"teacher, 20 steps": baseline_rows["teacher 20 steps, g=1"]["mean"]["fidelity"]}
     draw_figure(
-        f"{stem}.png", f"SIM one-step distillation on the ground-truth world ({args.name}, {seeds_text(runs)})",
-        mean_curve(runs), [("exact samples of the world", exact), ("teacher, 20 DPM-Solver++ steps", teacher_examples),
-                           (f"SIM one step ({args.name}, seed {runs[0]['seed']})", runs[0]["examples"])],
-        world.captions, references, runs[0]["regression_warmup_steps"],
+        f"{stem}.png",
+        f"SIM one-step distillation on the ground-truth world ({args.name}, {seeds_text(runs)})",
+        mean_curve(runs),
+        [
+            ("exact samples of the world", exact),
+            ("teacher, 20 DPM-Solver++ steps", teacher_examples),
+            (f"SIM one step ({args.name}, seed {runs[0]['seed']})", runs[0]["examples"]),
+        ],
+        world.captions,
+        references,
+        runs[0]["regression_warmup_steps"],
     )
     for run in runs:
         run.pop("examples")
-    record = {"name": args.name, "world": world.to_dict(), "teacher": str(teacher),
-              "trainer_args": TRAINER_DEFAULTS + args.trainer_args, "max_train_steps": args.max_train_steps,
-              "num_samples": args.num_samples, "summary": summary, "runs": runs, "baselines": baseline_rows}
+    record = {
+        "name": args.name,
+        "world": world.to_dict(),
+        "teacher": str(teacher),
+        "trainer_args": TRAINER_DEFAULTS + args.trainer_args,
+        "max_train_steps": args.max_train_steps,
+        "num_samples": args.num_samples,
+        "summary": summary,
+        "runs": runs,
+        "baselines": baseline_rows,
+    }
     Path(f"{stem}.json").write_text(json.dumps(record, indent=2))
     Path(f"{stem}.md").write_text(text)
     print("\n" + text)

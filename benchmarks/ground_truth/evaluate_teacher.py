@@ -80,34 +80,68 @@ def main(args):
         return evaluation
 
     # 1. The noise floor: exact samples scored like any sampler
-    floor = add("exact samples", "-", "-", lambda: [world.sample_x0(i, args.num_samples,
-                torch.Generator().manual_seed(args.seed + 100 + i)) for i in range(world.num_captions)])
+    floor = add(
+        "exact samples",
+        "-",
+        "-",
+        lambda: [
+            world.sample_x0(i, args.num_samples, torch.Generator().manual_seed(args.seed + 100 + i))
+            for i in range(world.num_captions)
+        ],
+    )
 
     # 2. The oracle and the teacher, with the teacher's DPM-Solver++
     for guidance in args.guidance_scales:
         for steps in args.steps:
-            add("oracle (exact eps)", steps, guidance, lambda: sample_exact_latents(
-                world, teacher.scheduler, args.num_samples, steps, guidance, args.seed))
-            add("teacher", steps, guidance, lambda: sample_teacher_latents(
-                teacher, world, args.num_samples, steps, guidance, args.seed))
+            add(
+                "oracle (exact eps)",
+                steps,
+                guidance,
+                lambda: sample_exact_latents(world, teacher.scheduler, args.num_samples, steps, guidance, args.seed),
+            )
+            add(
+                "teacher",
+                steps,
+                guidance,
+                lambda: sample_teacher_latents(teacher, world, args.num_samples, steps, guidance, args.seed),
+            )
 
     # 3. The one-step generator before distillation: the teacher's denoiser at t*
     generator = SIMOneStepPipeline.from_teacher(teacher_path)
-    add(f"generator, untrained (t*={generator.conditioning_timestep})", 1, 1.0,
-        lambda: sample_pipeline_latents(generator, world, args.num_samples, args.seed))
+    add(
+        f"generator, untrained (t*={generator.conditioning_timestep})",
+        1,
+        1.0,
+        lambda: sample_pipeline_latents(generator, world, args.num_samples, args.seed),
+    )
 
     table = markdown_table(rows)
-    print(f"\nteacher {teacher_path} (relative eps error over uniform t: "
-          f"{record['relative_eps_error']['uniform_t']['conditional']:.4f})\n")
+    print(
+        f"\nteacher {teacher_path} (relative eps error over uniform t: "
+        f"{record['relative_eps_error']['uniform_t']['conditional']:.4f})\n"
+    )
     print(table)
     print(f"\nexact-sample noise floor: MMD {floor['floor']['mmd']:.3f}, weight TV {floor['floor']['weight_tv']:.3f}")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(dict(
-        args=vars(args), teacher_path=str(teacher_path), teacher_record=record, world=world.to_dict(),
-        captions=list(world.captions), fidelity_radius=world.fidelity_radius, mmd_bandwidth=world.mmd_bandwidth,
-        noise_floor=floor["floor"], rows=rows, results=results, table=table,
-    ), indent=2))
+    output.write_text(
+        json.dumps(
+            dict(
+                args=vars(args),
+                teacher_path=str(teacher_path),
+                teacher_record=record,
+                world=world.to_dict(),
+                captions=list(world.captions),
+                fidelity_radius=world.fidelity_radius,
+                mmd_bandwidth=world.mmd_bandwidth,
+                noise_floor=floor["floor"],
+                rows=rows,
+                results=results,
+                table=table,
+            ),
+            indent=2,
+        )
+    )
     print(f"wrote {output}")
 
 

@@ -43,12 +43,19 @@ def _dashed(draw, start, end, fill, width=1, dash=6):
 
 def _tile(latent: torch.Tensor) -> Image.Image:
     """Channel 0 of one latent (C, H, W) as a grey square, nearest-neighbour enlarged."""
-    values = ((latent[0].float().clamp(-LATENT_RANGE, LATENT_RANGE) + LATENT_RANGE) / (2 * LATENT_RANGE) * 255)
+    values = (latent[0].float().clamp(-LATENT_RANGE, LATENT_RANGE) + LATENT_RANGE) / (2 * LATENT_RANGE) * 255
     return Image.fromarray(values.round().byte().numpy(), "L").resize((TILE, TILE), Image.NEAREST)
 
 
-def draw_figure(path, title: str, curve: list[dict], sample_sets: list[tuple[str, list[torch.Tensor]]],
-                captions, references: dict | None = None, warmup_end: int | None = None) -> None:
+def draw_figure(
+    path,
+    title: str,
+    curve: list[dict],
+    sample_sets: list[tuple[str, list[torch.Tensor]]],
+    captions,
+    references: dict | None = None,
+    warmup_end: int | None = None,
+) -> None:
     """Write the figure to `path` (PNG).
 
     Args:
@@ -62,8 +69,9 @@ def draw_figure(path, title: str, curve: list[dict], sample_sets: list[tuple[str
     label_width = 110
     right_width = label_width + per_sample * (TILE + TILE_GAP)
     sets_height = sum(24 + len(latents) * (TILE + TILE_GAP) for _, latents in sample_sets)
-    samples_title = (f"samples ({per_sample} per caption): latent channel 0, black = -{LATENT_RANGE:g}, "
-                     f"white = +{LATENT_RANGE:g}")
+    samples_title = (
+        f"samples ({per_sample} per caption): latent channel 0, black = -{LATENT_RANGE:g}, white = +{LATENT_RANGE:g}"
+    )
     right_width = max(right_width, int(font.getlength(samples_title)))
     plot = PLOT
     width = plot["right"] + 50 + right_width + 20
@@ -76,8 +84,13 @@ def draw_figure(path, title: str, curve: list[dict], sample_sets: list[tuple[str
     max_step = max((row["step"] for row in curve), default=1) or 1
     x_of = lambda step: plot["left"] + (plot["right"] - plot["left"]) * step / max_step  # noqa: E731
     y_of = lambda v: plot["bottom"] - (plot["bottom"] - plot["top"]) * min(max(v, 0.0), 1.0)  # noqa: E731
-    draw.text(((plot["left"] + plot["right"]) // 2, plot["top"] - 22), "metrics over training (step 0 = untrained)",
-              fill=AXIS, font=font, anchor="mt")
+    draw.text(
+        ((plot["left"] + plot["right"]) // 2, plot["top"] - 22),
+        "metrics over training (step 0 = untrained)",
+        fill=AXIS,
+        font=font,
+        anchor="mt",
+    )
     for tick in nice_ticks(max_step):
         x = x_of(tick)
         draw.line([(x, plot["top"]), (x, plot["bottom"])], GRID)
@@ -89,8 +102,9 @@ def draw_figure(path, title: str, curve: list[dict], sample_sets: list[tuple[str
         draw.line([(plot["left"] - 4, y), (plot["left"], y)], AXIS)
         draw.text((plot["left"] - 7, y), f"{tick:.1f}", fill=AXIS, font=small, anchor="rm")
     draw.rectangle([plot["left"], plot["top"], plot["right"], plot["bottom"]], outline=AXIS)
-    draw.text(((plot["left"] + plot["right"]) // 2, plot["bottom"] + 24), "training step", fill=AXIS, font=font,
-              anchor="mt")
+    draw.text(
+        ((plot["left"] + plot["right"]) // 2, plot["bottom"] + 24), "training step", fill=AXIS, font=font, anchor="mt"
+    )
     y_label = Image.new("RGBA", (200, 18), (255, 255, 255, 0))
     ImageDraw.Draw(y_label).text((100, 9), "metric value", fill=AXIS, font=font, anchor="mm")
     y_label = y_label.rotate(90, expand=True)

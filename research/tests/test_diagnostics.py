@@ -10,8 +10,13 @@ from research.diagnostics import band_widths, circle_crossings, off_mode_anatomy
 
 def test_off_mode_anatomy_tells_global_blends_from_regions_that_follow_different_modes(world):
     on_mode = world.sample_x0(0, 64, torch.Generator().manual_seed(0))
-    assert off_mode_anatomy(world, 0, on_mode) == {"off_mode": 0.0, "committed_nearest": 0.0, "committed_second": 0.0,
-                                                   "in_between": 0.0, "regionally_inconsistent": 0.0}
+    assert off_mode_anatomy(world, 0, on_mode) == {
+        "off_mode": 0.0,
+        "committed_nearest": 0.0,
+        "committed_second": 0.0,
+        "in_between": 0.0,
+        "regionally_inconsistent": 0.0,
+    }
     mu_a, mu_b = world.means[0][0], world.means[0][1]
     global_blend = (0.6 * mu_a + 0.4 * mu_b).expand(8, -1, -1, -1)
     blend = off_mode_anatomy(world, 0, global_blend)
@@ -21,7 +26,11 @@ def test_off_mode_anatomy_tells_global_blends_from_regions_that_follow_different
     contested = torch.nonzero(world.patterns(mu_a[None])[0] != world.patterns(mu_b[None])[0]).flatten()
     take_b = torch.zeros(world.num_blocks, dtype=torch.bool)
     take_b[contested[: len(contested) // 2]] = True
-    grid = (world.latent_shape[0], world.latent_shape[1] // world.block_size, world.latent_shape[2] // world.block_size)
+    grid = (
+        world.latent_shape[0],
+        world.latent_shape[1] // world.block_size,
+        world.latent_shape[2] // world.block_size,
+    )
     mask = take_b.reshape(grid).repeat_interleave(world.block_size, 1).repeat_interleave(world.block_size, 2)
     patchwork = off_mode_anatomy(world, 0, torch.where(mask, mu_b, mu_a).expand(8, -1, -1, -1))
     assert patchwork["off_mode"] == 1.0 and patchwork["regionally_inconsistent"] == 1.0
@@ -56,14 +65,28 @@ def test_band_widths_measure_the_off_mode_run_through_the_centre_of_each_line(wo
 def test_circle_crossings_count_changes_of_mode_round_each_circle(world):
     mu_a, mu_b = world.means[0][0], world.means[0][1]
     off = 0.5 * (mu_a + mu_b)
-    circles = torch.stack([
-        torch.stack([mu_a, mu_a, off, mu_b, mu_b, mu_a, off, off]),  # a -band- b, b -clean- a, then off and back to a
-        torch.stack([mu_b, off, mu_b, mu_b, mu_b, mu_b, mu_b, mu_b]),  # one excursion, no crossing
-        torch.stack([off] * 8),
-    ])
+    circles = torch.stack(
+        [
+            torch.stack(
+                [mu_a, mu_a, off, mu_b, mu_b, mu_a, off, off]
+            ),  # a -band- b, b -clean- a, then off and back to a
+            torch.stack([mu_b, off, mu_b, mu_b, mu_b, mu_b, mu_b, mu_b]),  # one excursion, no crossing
+            torch.stack([off] * 8),
+        ]
+    )
     assert circle_crossings(world, 0, circles) == {
-        "circles": 3, "points": 24, "off_mode": 12, "crossings": 2, "clean": 1, "band_points": 1,
-        "excursion_points": 3, "circles_off_mode": 1}
+        "circles": 3,
+        "points": 24,
+        "off_mode": 12,
+        "crossings": 2,
+        "clean": 1,
+        "band_points": 1,
+        "excursion_points": 3,
+        "circles_off_mode": 1,
+    }
     # Round the end of the circle is a crossing too.
     wrapped = torch.stack([mu_b, mu_b, mu_a, mu_a, off, off, off, off])[None]
-    assert circle_crossings(world, 0, wrapped)["crossings"] == 2 and circle_crossings(world, 0, wrapped)["band_points"] == 4
+    assert (
+        circle_crossings(world, 0, wrapped)["crossings"] == 2
+        and circle_crossings(world, 0, wrapped)["band_points"] == 4
+    )

@@ -29,7 +29,7 @@ class Scorer:
     note: str = ""  # one line shown under the report's table
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, **options) -> "Scorer":
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, **options) -> Scorer:
         raise NotImplementedError
 
     def __call__(self, images: Sequence, prompts: Sequence[str]) -> torch.Tensor:
@@ -68,7 +68,7 @@ class RewardHead(nn.Module):
         return self.layers(features).squeeze(-1)
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str = "") -> "RewardHead":
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str = "") -> RewardHead:
         """Build the head from `{prefix}layers.{0,2,4,6,7}.{weight,bias}`; the input size is read from layer 0."""
         head_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix + "layers.")}
         if "layers.0.weight" not in head_state:
@@ -117,7 +117,9 @@ def resolve_file(path: str | os.PathLike, filenames: Sequence[str]) -> str:
             return hf_hub_download(repo_id, filename)
         except EntryNotFoundError:
             continue
-    raise FileNotFoundError(f"None of {list(filenames)} is in the Hub repository {repo_id}; name it as {repo_id}:FILE.")
+    raise FileNotFoundError(
+        f"None of {list(filenames)} is in the Hub repository {repo_id}; name it as {repo_id}:FILE."
+    )
 
 
 def summarize(scores: torch.Tensor | Sequence[float]) -> dict:

@@ -29,7 +29,7 @@ class ModelSpec:
     pipeline: str | None = None  # class name, filled in by `resolve`
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         label, sep, rest = text.partition("=")
         if not sep:
             label, rest = "", text
@@ -41,10 +41,14 @@ class ModelSpec:
             guidance_scale = float(numbers[1]) if len(numbers) > 1 else None
         except ValueError:
             raise ValueError(f"Model spec {text!r}: STEPS must be an integer and GUIDANCE a number.") from None
-        return cls(path=path, label=label or os.path.basename(os.path.normpath(path)), steps=steps,
-                   guidance_scale=guidance_scale)
+        return cls(
+            path=path,
+            label=label or os.path.basename(os.path.normpath(path)),
+            steps=steps,
+            guidance_scale=guidance_scale,
+        )
 
-    def resolve(self) -> "ModelSpec":
+    def resolve(self) -> ModelSpec:
         """Fill in the pipeline class and its sampling defaults; a one-step model takes neither steps nor guidance."""
         self.pipeline = pipeline_class_name(self.path)
         if self.pipeline == SIM_PIPELINE:
@@ -94,8 +98,14 @@ def generate(pipe, spec: ModelSpec, prompts, seeds, height=None, width=None, res
     """PIL images for `prompts`, image i drawn from its own CPU generator seeded with `seeds[i]`, so that a sample
     does not depend on the batch size, on the device, or on which model is sampled."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    kwargs = dict(prompt=list(prompts), generator=generators, height=height, width=width,
-                  use_resolution_binning=resolution_binning, output_type="pil")
+    kwargs = dict(
+        prompt=list(prompts),
+        generator=generators,
+        height=height,
+        width=width,
+        use_resolution_binning=resolution_binning,
+        output_type="pil",
+    )
     if spec.pipeline != SIM_PIPELINE:
         kwargs.update(num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale)
     return pipe(**kwargs).images

@@ -169,7 +169,9 @@ class ImageRewardScorer(Scorer):
 
         # Upstream's transform is CLIP's: bicubic resize of the short side, centre crop, CLIP mean and std.
         size = vision_config.image_size
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
         return cls(
             vision_model.to(device, dtype).eval().requires_grad_(False),
             text_encoder.to(device, dtype).eval().requires_grad_(False),

@@ -91,7 +91,7 @@ def metrics_table(results: dict) -> str:
         )
         guidance = "\u2013" if model["guidance_scale"] is None else f"{model['guidance_scale']:g}"
         rows.append(
-            f"<tr><td>{html.escape(model['label'])}<div class=\"path\">{html.escape(model['path'])}</div></td>"
+            f'<tr><td>{html.escape(model["label"])}<div class="path">{html.escape(model["path"])}</div></td>'
             f"<td>{model['steps']}</td><td>{guidance}</td>{cells}"
             f"<td>{_fmt(model.get('seconds_per_image'), 3)}</td></tr>"
         )
@@ -114,7 +114,7 @@ def paper_table(results: dict) -> str:
         for row in SIM_PAPER_TABLE
     )
     return (
-        "<h2>Reported in the SIM paper</h2><div class=\"card\"><table class=\"paper\" id=\"paper\"><thead><tr>"
+        '<h2>Reported in the SIM paper</h2><div class="card"><table class="paper" id="paper"><thead><tr>'
         f"<th>Model</th><th>Steps</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
         '<ul class="notes"><li>PixArt-\u03b1 512 px; the paper does not state its prompt set, so compare trends, '
         "not digits.</li></ul></div>"
@@ -152,7 +152,7 @@ def image_grid(results: dict) -> str:
 def render_report(results: dict) -> str:
     config = results["config"]
     notes = "".join(
-        f"<li>{html.escape(m['note'])} <span class=\"path\">Weights: {html.escape(str(m['weights']))}</span></li>"
+        f'<li>{html.escape(m["note"])} <span class="path">Weights: {html.escape(str(m["weights"]))}</span></li>'
         for m in results["metrics"]
     )
     notes += "<li>Mean \u00b1 standard error of the mean over samples; best value per column in bold.</li>"
@@ -170,12 +170,12 @@ def render_report(results: dict) -> str:
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{html.escape(results['title'])}</title>
+<title>{html.escape(results["title"])}</title>
 <style>{STYLE}</style>
 </head>
 <body>
 <main>
-<h1>{html.escape(results['title'])}</h1>
+<h1>{html.escape(results["title"])}</h1>
 <p class="meta">{meta}</p>
 <h2>Metrics</h2>
 <div class="card">{metrics_table(results)}<ul class="notes">{notes}</ul></div>

@@ -19,7 +19,7 @@ Only torch is imported here.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -83,8 +83,9 @@ def evaluate_pipeline_latents(
               perfect sampler with as many samples scores; its "mmd" is the MMD noise floor.
     """
     if isinstance(latents_by_caption, Mapping):
-        by_index = {world.captions.index(k) if isinstance(k, str) else int(k): v
-                    for k, v in latents_by_caption.items()}
+        by_index = {
+            world.captions.index(k) if isinstance(k, str) else int(k): v for k, v in latents_by_caption.items()
+        }
         latents_by_caption = [by_index[i] for i in range(world.num_captions)]
     if len(latents_by_caption) != world.num_captions:
         raise ValueError(f"Give samples for all {world.num_captions} captions, got {len(latents_by_caption)}.")
@@ -100,4 +101,3 @@ def evaluate_pipeline_latents(
 
 def _mean_metrics(rows: Sequence[dict]) -> dict:
     return {key: sum(row[key] for row in rows) / len(rows) for key in METRIC_KEYS}
-

@@ -27,8 +27,9 @@ def sample_pipeline_latents(
     latents = []
     for caption_idx, caption in enumerate(world.captions):
         generator = torch.Generator().manual_seed(seed + caption_idx)
-        out = pipe(prompt=caption, num_images_per_prompt=num_samples, generator=generator, output_type="latent",
-                   **call_kwargs)
+        out = pipe(
+            prompt=caption, num_images_per_prompt=num_samples, generator=generator, output_type="latent", **call_kwargs
+        )
         latents.append(out.images.detach().float().cpu())
     return latents
 
@@ -46,7 +47,11 @@ def initial_noise(world, num_samples, seed, caption_idx, device="cpu"):
 
 
 def sample_exact_latents(
-    world: GaussianMixtureWorld, scheduler, num_samples: int, num_inference_steps: int, guidance_scale: float = 1.0,
+    world: GaussianMixtureWorld,
+    scheduler,
+    num_samples: int,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
     seed: int = 0,
 ) -> list[torch.Tensor]:
     """The exact-epsilon oracle: `scheduler`'s sampler (e.g. the teacher's DPM-Solver++) driven by eps*."""
@@ -63,8 +68,13 @@ def sample_exact_latents(
 
 
 def sample_teacher_latents(
-    pipe, world: GaussianMixtureWorld, num_samples: int, num_inference_steps: int, guidance_scale: float = 1.0,
-    seed: int = 0, use_pipeline: bool | None = None,
+    pipe,
+    world: GaussianMixtureWorld,
+    num_samples: int,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    use_pipeline: bool | None = None,
 ) -> list[torch.Tensor]:
     """A PixArtAlphaPipeline teacher with its own scheduler (DPM-Solver++), seeded as `sample_pipeline_latents`.
 
@@ -84,9 +94,27 @@ def sample_teacher_latents(
     for caption_idx, caption in enumerate(world.captions):
         # Both branches are encoded whatever the scale: at guidance 1 teacher_ode_sample runs only the conditional one.
         embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-            caption, True, negative_prompt="", device=device, clean_caption=True, num_images_per_prompt=num_samples,
+            caption,
+            True,
+            negative_prompt="",
+            device=device,
+            clean_caption=True,
+            num_images_per_prompt=num_samples,
         )
         noise = initial_noise(world, num_samples, seed, caption_idx, device)
-        latents.append(teacher_ode_sample(pipe.transformer, pipe.scheduler, noise, embeds, mask, negative_embeds,
-                                          negative_mask, guidance_scale, num_inference_steps).float().cpu())
+        latents.append(
+            teacher_ode_sample(
+                pipe.transformer,
+                pipe.scheduler,
+                noise,
+                embeds,
+                mask,
+                negative_embeds,
+                negative_mask,
+                guidance_scale,
+                num_inference_steps,
+            )
+            .float()
+            .cpu()
+        )
     return latents

@@ -59,7 +59,7 @@ class TeacherConfig:
     seed: int = 0
 
     @classmethod
-    def quick(cls, **overrides) -> "TeacherConfig":
+    def quick(cls, **overrides) -> TeacherConfig:
         """A teacher of `GaussianMixtureWorld.quick()` (4 tokens) that trains in about a minute on one core."""
         params = dict(num_layers=3, train_steps=600, warmup_steps=60)
         params.update(overrides)
@@ -68,9 +68,15 @@ class TeacherConfig:
     def transformer_overrides(self, world: GaussianMixtureWorld) -> dict:
         width = self.num_attention_heads * self.attention_head_dim
         channels, size, _ = world.latent_shape
-        return dict(num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
-                    attention_head_dim=self.attention_head_dim, cross_attention_dim=width, in_channels=channels,
-                    out_channels=2 * channels, sample_size=size)
+        return dict(
+            num_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            attention_head_dim=self.attention_head_dim,
+            cross_attention_dim=width,
+            in_channels=channels,
+            out_channels=2 * channels,
+            sample_size=size,
+        )
 
 
 def teacher_cache_key(world: GaussianMixtureWorld, config: TeacherConfig) -> str:
@@ -88,8 +94,13 @@ def encode_world_captions(pipe, world: GaussianMixtureWorld):
     return embeds, mask, negative_embeds[:1], negative_mask[:1]
 
 
-def teacher_eps_error(pipe, world: GaussianMixtureWorld, timesteps=(20, 50, 100, 200, 440, 600, 800, 999),
-                      num_samples: int = 256, seed: int = 0) -> dict:
+def teacher_eps_error(
+    pipe,
+    world: GaussianMixtureWorld,
+    timesteps=(20, 50, 100, 200, 440, 600, 800, 999),
+    num_samples: int = 256,
+    seed: int = 0,
+) -> dict:
     """How close a teacher pipeline's epsilon is to eps*, at each of `timesteps` and over t ~ U{0..999}.
 
     Per row: "conditional" and "unconditional" relative errors |eps_theta - eps*|^2 / |eps*|^2 (summed over the
@@ -183,8 +194,10 @@ def train_teacher(world: GaussianMixtureWorld, config: TeacherConfig, log_every:
         log.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             recent = sum(log[-log_every:]) / log_every
-            print(f"step {step + 1}/{config.train_steps}  loss {recent:.4f}  {time.perf_counter() - start:.0f}s",
-                  flush=True)
+            print(
+                f"step {step + 1}/{config.train_steps}  loss {recent:.4f}  {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     transformer.eval()
     return pipe, {"loss": log, "train_seconds": time.perf_counter() - start}
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import Mapping
 
 import torch
 
@@ -99,7 +99,7 @@ class GaussianMixtureWorld:
             )
 
     @classmethod
-    def quick(cls, **overrides) -> "GaussianMixtureWorld":
+    def quick(cls, **overrides) -> GaussianMixtureWorld:
         """A small world (2 captions x 2 modes in a 4x4x4 latent) for tests and CI."""
         params = dict(
             num_captions=2, modes_per_caption=2, latent_shape=(4, 4, 4), block_size=2, mode_weights=(0.7, 0.3)
@@ -153,7 +153,7 @@ class GaussianMixtureWorld:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, params: Mapping) -> "GaussianMixtureWorld":
+    def from_dict(cls, params: Mapping) -> GaussianMixtureWorld:
         return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
 
     def fingerprint(self) -> str:
@@ -324,4 +324,3 @@ class GaussianMixtureWorld:
         distances = torch.cdist(self.patterns(samples), mode_patterns)
         nearest = distances.min(dim=1)
         return nearest.indices, nearest.values
-

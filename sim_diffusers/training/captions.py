@@ -122,14 +122,22 @@ def read_caption_file(path: str | Path, caption_column: str | None = None) -> Ca
     return clean_captions(values, num_skipped_non_utf8=bad, source=str(path))
 
 
-def load_dataset_captions(dataset_name: str, dataset_config_name: str | None, caption_column: str | None, split: str = "train", cache_dir=None) -> CaptionSet:
+def load_dataset_captions(
+    dataset_name: str,
+    dataset_config_name: str | None,
+    caption_column: str | None,
+    split: str = "train",
+    cache_dir=None,
+) -> CaptionSet:
     """Captions from a `datasets` dataset (Hub id or local folder); only the caption column is kept."""
     import datasets
 
     try:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
     except Exception as err:  # noqa: BLE001 - surfaced as one line
-        raise UserInputError(f"--dataset_name {dataset_name}: cannot be loaded ({type(err).__name__}: {err}).") from None
+        raise UserInputError(
+            f"--dataset_name {dataset_name}: cannot be loaded ({type(err).__name__}: {err})."
+        ) from None
     if caption_column is None or caption_column not in dataset.column_names:
         raise UserInputError(
             f"--caption_column {caption_column!r} is not in {dataset_name}; its columns are {dataset.column_names}."
@@ -162,7 +170,7 @@ class SampleRandomness:
     generator_timesteps: torch.Tensor  # (B,) t for the generator update
     generator_noise: torch.Tensor  # (B, C, h, w) eps of the generator update's x_t
 
-    def to(self, device) -> "SampleRandomness":
+    def to(self, device) -> SampleRandomness:
         return SampleRandomness(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 

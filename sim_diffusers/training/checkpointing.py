@@ -71,7 +71,9 @@ def commit_checkpoint(tmp_dir: Path, step: int) -> Path:
     return final
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, keep: str | os.PathLike | None = None) -> list[Path]:
+def prune_checkpoints(
+    output_dir: str | os.PathLike, total_limit: int | None, keep: str | os.PathLike | None = None
+) -> list[Path]:
     """Delete the oldest complete checkpoints so that at most `total_limit` remain (None or < 1: keep all).
 
     Never deleted: `keep` (the checkpoint just written, which is not the newest by step when a run resumed from an

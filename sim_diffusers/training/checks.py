@@ -42,7 +42,8 @@ def _teacher_file(args, name: str) -> Path:
         return Path(hf_hub_download(args.pretrained_model_name_or_path, name, revision=args.revision))
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated...: one line for all
         raise UserInputError(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a local folder, and its {name} "
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: not a local folder, and its "
+            f"{name} "
             f"cannot be fetched from the Hub ({type(err).__name__})."
         ) from None
 
@@ -101,13 +102,18 @@ def check_arguments(args) -> None:
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UserInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.")
     if not 0 <= args.min_timestep <= args.max_timestep:
-        raise UserInputError(f"Need 0 <= --min_timestep <= --max_timestep, got {args.min_timestep}, {args.max_timestep}.")
+        raise UserInputError(
+            f"Need 0 <= --min_timestep <= --max_timestep, got {args.min_timestep}, {args.max_timestep}."
+        )
     if args.regression_loss_weight < 0 or args.regression_every < 1 or args.regression_num_inference_steps < 1:
         raise UserInputError(
-            "Need --regression_loss_weight >= 0, --regression_every >= 1 and --regression_num_inference_steps >= 1, got "
+            "Need --regression_loss_weight >= 0, --regression_every >= 1 and --regression_num_inference_steps >= 1, "
+            "got "
             f"{args.regression_loss_weight}, {args.regression_every}, {args.regression_num_inference_steps}."
         )
-    if args.regression_warmup_steps < 0 or (args.regression_warmup_learning_rate is not None and args.regression_warmup_learning_rate <= 0):
+    if args.regression_warmup_steps < 0 or (
+        args.regression_warmup_learning_rate is not None and args.regression_warmup_learning_rate <= 0
+    ):
         raise UserInputError(
             "Need --regression_warmup_steps >= 0 and --regression_warmup_learning_rate > 0, got "
             f"{args.regression_warmup_steps}, {args.regression_warmup_learning_rate}."
@@ -119,7 +125,9 @@ def check_arguments(args) -> None:
     if args.regression_huber_c is not None and args.regression_huber_c <= 0:
         raise UserInputError(f"Need --regression_huber_c > 0, got {args.regression_huber_c}.")
     if args.regression_warmup_steps > 0 and args.regression_loss_weight == 0:
-        raise UserInputError("--regression_warmup_steps trains on the regression term: it needs --regression_loss_weight > 0.")
+        raise UserInputError(
+            "--regression_warmup_steps trains on the regression term: it needs --regression_loss_weight > 0."
+        )
     if (args.caption_file is None) == (args.dataset_name is None):
         raise UserInputError("Give exactly one caption source: --caption_file or --dataset_name.")
     output_dir = Path(args.output_dir)
@@ -141,7 +149,9 @@ def resolve_resume(args) -> Path | None:
     if args.resume_from_checkpoint == "latest":
         path = latest_checkpoint(args.output_dir)
         if path is None:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting a fresh run.", args.output_dir)
+            logger.warning(
+                "--resume_from_checkpoint latest: no checkpoint in %s, starting a fresh run.", args.output_dir
+            )
         return path
     path = Path(args.resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
@@ -157,6 +167,8 @@ def validate(args) -> tuple[CaptionSet, dict, Path | None]:
     if args.caption_file is not None:
         captions = read_caption_file(args.caption_file, args.caption_column)
     else:
-        captions = load_dataset_captions(args.dataset_name, args.dataset_config_name, args.caption_column, cache_dir=args.cache_dir)
+        captions = load_dataset_captions(
+            args.dataset_name, args.dataset_config_name, args.caption_column, cache_dir=args.cache_dir
+        )
     teacher = check_teacher(args)
     return captions, teacher, resolve_resume(args)

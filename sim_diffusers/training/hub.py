@@ -17,10 +17,24 @@ from pathlib import Path
 from ..teachers import PIXART_ALPHA, family_named
 
 # Never uploaded: resumable training state (optimiser pickles) and temporary files of interrupted saves.
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-*", ".tmp-*/**", "logs/**", "text_embedding_cache/**"]
+UPLOAD_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    ".tmp-*",
+    ".tmp-*/**",
+    "logs/**",
+    "text_embedding_cache/**",
+]
 SECRET_ARGUMENTS = ("hub_token",)
 # The teacher family's tag (pixart-alpha or pixart-sigma) goes after "diffusers".
-MODEL_CARD_TAGS = ["text-to-image", "diffusers", "one-step", "distillation", "score-implicit-matching", "sim_diffusers"]
+MODEL_CARD_TAGS = [
+    "text-to-image",
+    "diffusers",
+    "one-step",
+    "distillation",
+    "score-implicit-matching",
+    "sim_diffusers",
+]
 
 
 def public_arguments(args: dict) -> dict:
@@ -86,7 +100,9 @@ def render_model_card(
         example_prompt=(validation_prompts or ["A small cactus with a happy face in the Sahara desert."])[0],
         validation_section=validation,
         settings_table=rows,
-        weights_kind="an exponential moving average (EMA) of the generator" if use_ema else "the generator's last weights",
+        weights_kind="an exponential moving average (EMA) of the generator"
+        if use_ema
+        else "the generator's last weights",
     )
     path = Path(output_dir) / "README.md"
     path.write_text(text, encoding="utf-8")
@@ -109,7 +125,8 @@ def push_output_dir(output_dir: str | os.PathLike, hub_model_id: str, token: str
 
 
 def retry_command(output_dir, hub_model_id, private: bool) -> str:
-    command = f"python -m sim_diffusers.training.hub {shlex.quote(str(output_dir))} --hub_model_id {shlex.quote(hub_model_id)}"
+    folder, repo = shlex.quote(str(output_dir)), shlex.quote(hub_model_id)
+    command = f"python -m sim_diffusers.training.hub {folder} --hub_model_id {repo}"
     return command + (" --private" if private else "")
 
 
@@ -130,7 +147,10 @@ def main(argv=None) -> int:
     try:
         repo_id = push_output_dir(args.output_dir, args.hub_model_id, token, args.private)
     except Exception as err:  # noqa: BLE001 - a network/auth failure is reported as one line
-        print(f"error: upload failed ({type(err).__name__}); {args.output_dir} is unchanged, retry later.", file=sys.stderr)
+        print(
+            f"error: upload failed ({type(err).__name__}); {args.output_dir} is unchanged, retry later.",
+            file=sys.stderr,
+        )
         return 1
     print(f"Uploaded {args.output_dir} to {repo_id}")
     return 0

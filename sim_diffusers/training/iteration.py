@@ -21,8 +21,8 @@ Accelerate and distribution is invisible to it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Sequence
 
 import torch
 
@@ -70,7 +70,7 @@ class IterationConfig:
     max_grad_norm: float = 1.0
 
     @classmethod
-    def from_namespace(cls, namespace) -> "IterationConfig":
+    def from_namespace(cls, namespace) -> IterationConfig:
         """The config of an argparse namespace (or any object) holding attributes of the same names."""
         return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
@@ -144,7 +144,10 @@ class IterationResult:
         logs["regression_warmup"] = int(self.warming_up)
         logs["lr/generator"] = self.generator_learning_rate
         logs["lr/fake_score"] = self.fake_score_learning_rate
-        for key, norm in (("grad_norm/generator", self.generator_grad_norm), ("grad_norm/fake_score", self.fake_score_grad_norm)):
+        for key, norm in (
+            ("grad_norm/generator", self.generator_grad_norm),
+            ("grad_norm/fake_score", self.fake_score_grad_norm),
+        ):
             if norm is not None:
                 logs[key] = float(norm)
         return logs
@@ -213,7 +216,9 @@ class SIMIteration:
             g_losses, parts = [], {"divergence": [], "eps_gap": [], "regression": []}
             for m, batch in enumerate(micro_batches):
                 with _sync_on_last(ops, models.generator, last=m == accumulation - 1):
-                    x0 = x0_shared if x0_shared is not None else self.generate(models.generator, batch, with_graph=True)
+                    x0 = (
+                        x0_shared if x0_shared is not None else self.generate(models.generator, batch, with_graph=True)
+                    )
                     loss_g, terms = self.generator_loss(step, models, batch, x0, warming_up)
                     loss_g = self.hooks.generator_loss(step, loss_g)
                     ops.backward(loss_g / accumulation)
@@ -251,8 +256,13 @@ class SIMIteration:
         cond = batch.conditioning
         with torch.set_grad_enabled(with_graph):
             return one_step_generate(
-                generator, batch.randomness.noise, self.t_star, self.alphas_cumprod, cond.prompt_embeds,
-                cond.prompt_attention_mask, cond.added_cond_kwargs,
+                generator,
+                batch.randomness.noise,
+                self.t_star,
+                self.alphas_cumprod,
+                cond.prompt_embeds,
+                cond.prompt_attention_mask,
+                cond.added_cond_kwargs,
             )
 
     def _fake_score_update(self, models: TrainingModels, micro_batches, ops):
@@ -266,7 +276,12 @@ class SIMIteration:
                 self.hooks.mark("generator_forward")
                 rnd = batch.randomness
                 loss = fake_score_update_loss(
-                    models.networks, models.fake_score, x0, rnd.fake_timesteps, rnd.fake_noise, batch.conditioning,
+                    models.networks,
+                    models.fake_score,
+                    x0,
+                    rnd.fake_timesteps,
+                    rnd.fake_noise,
+                    batch.conditioning,
                     self.alphas_cumprod,
                 )
                 self.hooks.mark("fake_score_update_forward")
@@ -300,24 +315,40 @@ class SIMIteration:
             loss = x0.sum() * 0.0
         else:
             loss, stats = generator_update_loss(
-                models.networks, x0, rnd.generator_timesteps, rnd.generator_noise, cond, self.alphas_cumprod,
-                self.divergence, config.guidance_scale, config.loss_weighting, self.divergence_options,
+                models.networks,
+                x0,
+                rnd.generator_timesteps,
+                rnd.generator_noise,
+                cond,
+                self.alphas_cumprod,
+                self.divergence,
+                config.guidance_scale,
+                config.loss_weighting,
+                self.divergence_options,
             )
             terms = {"divergence": loss.detach(), "eps_gap": stats["eps_gap"]}
         self.hooks.mark("generator_loss_forward")
         if config.regression_loss_weight <= 0:
             return loss, terms
         every = 1 if warming_up else config.regression_every
-        index = torch.tensor([i for i, p in enumerate(batch.positions) if p % every == 0], dtype=torch.long, device=x0.device)
+        index = torch.tensor(
+            [i for i, p in enumerate(batch.positions) if p % every == 0], dtype=torch.long, device=x0.device
+        )
         targets = None
         if len(index):
             targets = teacher_ode_targets(
-                models.networks, self.ode_scheduler, rnd.noise[index], cond.select(index), config.guidance_scale,
+                models.networks,
+                self.ode_scheduler,
+                rnd.noise[index],
+                cond.select(index),
+                config.guidance_scale,
                 config.regression_num_inference_steps,
             )
         self.hooks.mark("regression_targets")
         distance = config.regression_warmup_distance if warming_up else config.regression_distance
-        regression = regression_term(x0, targets, index, len(batch.positions) / every, distance, config.regression_huber_c)
+        regression = regression_term(
+            x0, targets, index, len(batch.positions) / every, distance, config.regression_huber_c
+        )
         loss = loss + (1.0 if warming_up else config.regression_loss_weight) * regression
         terms["regression"] = regression.detach()
         return loss, terms
@@ -346,4 +377,3 @@ def _mean_or_none(values):
 def _sync_on_last(ops, module, last: bool):
     """Gradients are synchronised on the last micro-batch only."""
     return contextlib.nullcontext() if last else ops.no_sync(module)
-

@@ -39,8 +39,9 @@ class ScoreNetworks:
         self._adapters_on, self._fake_trainable = True, True
 
     @classmethod
-    def build(cls, teacher, lora_rank: int = 0, lora_alpha: float | None = None, trainable_dtype=torch.float32,
-              seed: int = 0):
+    def build(
+        cls, teacher, lora_rank: int = 0, lora_alpha: float | None = None, trainable_dtype=torch.float32, seed: int = 0
+    ):
         """`seed` draws the LoRA adapters' initial weights (peft draws them from torch's global generator, which
         nothing else seeds: without it two runs with the same --seed would start from different fake scores)."""
         teacher.requires_grad_(False).eval()
@@ -106,7 +107,9 @@ class ScoreNetworks:
         def checkpoint(block, *args):
             state = self._state()
             return torch.utils.checkpoint.checkpoint(
-                block.__call__, *args, use_reentrant=False,
+                block.__call__,
+                *args,
+                use_reentrant=False,
                 context_fn=lambda: (contextlib.nullcontext(), self._set_state(*state)),
             )
 
@@ -132,7 +135,9 @@ class ScoreNetworks:
     def fake_eps(self, x_t, timesteps, cond, added_cond_kwargs=None, module=None):
         """F's epsilon; `module` is the distributed wrapper for F's own update, the plain module otherwise."""
         dtype = self.fake_score.dtype  # the base weights' dtype (LoRA adapters cast their input themselves)
-        return predict_eps(module or self.fake_score, x_t.to(dtype), timesteps, cond[0].to(dtype), cond[1], added_cond_kwargs)
+        return predict_eps(
+            module or self.fake_score, x_t.to(dtype), timesteps, cond[0].to(dtype), cond[1], added_cond_kwargs
+        )
 
 
 def cast_trainable_to_fp32(model):
@@ -143,8 +148,9 @@ def cast_trainable_to_fp32(model):
     return model
 
 
-def place_networks(generator, networks: ScoreNetworks, device, gradient_checkpointing: bool = False,
-                   xformers: bool = False) -> None:
+def place_networks(
+    generator, networks: ScoreNetworks, device, gradient_checkpointing: bool = False, xformers: bool = False
+) -> None:
     """The one place that puts built networks on their device and applies activation checkpointing and the attention
     kernel to them (the trainer and the step benchmark both call it)."""
     for module in _unique(generator, networks.teacher, networks.fake_score):

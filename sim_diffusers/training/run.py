@@ -32,7 +32,8 @@ class TrainingState:
     consecutive_bad: int = 0
 
     def advance(self, result) -> None:
-        """Count the skipped updates of a finished iteration (`iteration.IterationResult`) and move to the next step."""
+        """Count the skipped updates of a finished iteration (an `iteration.IterationResult`); move to the next
+        step."""
         bad = False
         for name, finite in (("fake_score", result.fake_score_finite), ("generator", result.generator_finite)):
             if not finite:
@@ -70,12 +71,17 @@ class OptimizerConfig:
     lr_warmup_steps: int = 0
 
     @classmethod
-    def from_namespace(cls, namespace) -> "OptimizerConfig":
+    def from_namespace(cls, namespace) -> OptimizerConfig:
         return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
 
 
 def build_optimizer(config: OptimizerConfig, parameters, learning_rate: float):
-    kwargs = dict(lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    kwargs = dict(
+        lr=learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
     parameters = [p for p in parameters if p.requires_grad]
     if config.use_8bit_adam:
         import bitsandbytes as bnb
@@ -92,7 +98,9 @@ def build_optimisation(config: OptimizerConfig, generator, networks, max_train_s
     opt_g = build_optimizer(config, generator.parameters(), config.learning_rate)
     opt_f = build_optimizer(config, networks.fake_score_parameters(), config.fake_score_learning_rate)
     # Accelerate steps a prepared scheduler once per process per optimiser step.
-    schedule = dict(num_warmup_steps=config.lr_warmup_steps * num_processes, num_training_steps=max_train_steps * num_processes)
+    schedule = dict(
+        num_warmup_steps=config.lr_warmup_steps * num_processes, num_training_steps=max_train_steps * num_processes
+    )
     sched_g = get_scheduler(config.lr_scheduler, optimizer=opt_g, **schedule)
     sched_f = get_scheduler(config.lr_scheduler, optimizer=opt_f, **schedule)
     return opt_g, opt_f, sched_g, sched_f
@@ -103,8 +111,20 @@ class StepBatches:
     from the caption stream (per global sample, so independent of the world size), text conditioning from T5 or the
     embedding cache, the empty prompt's embedding as the negative, and the teacher's micro-conditions."""
 
-    def __init__(self, stream, text, generator, resolution: int, latent_shape, batch_size: int, accumulation: int,
-                 rank: int, world_size: int, device, dtype):
+    def __init__(
+        self,
+        stream,
+        text,
+        generator,
+        resolution: int,
+        latent_shape,
+        batch_size: int,
+        accumulation: int,
+        rank: int,
+        world_size: int,
+        device,
+        dtype,
+    ):
         self.stream, self.text, self.generator = stream, text, generator
         self.negative = text.negative()
         self.resolution, self.latent_shape = resolution, latent_shape
@@ -119,8 +139,10 @@ class StepBatches:
         embeds, mask = self.text(captions)
         negative_embeds, negative_mask = self.negative
         return Conditioning(
-            embeds.to(self.device), mask.to(self.device),
-            negative_embeds.expand(n, -1, -1).to(self.device), negative_mask.expand(n, -1).to(self.device),
+            embeds.to(self.device),
+            mask.to(self.device),
+            negative_embeds.expand(n, -1, -1).to(self.device),
+            negative_mask.expand(n, -1).to(self.device),
             micro_conditions(self.generator, n, self.resolution, self.resolution, self.device, self.dtype),
         )
 
@@ -129,7 +151,11 @@ class StepBatches:
         for m in range(self.accumulation):
             where = (step, m, self.batch_size, self.rank, self.world_size)
             captions, randomness = self.stream.batch(*where, self.latent_shape)
-            batches.append(MicroBatch(self.conditioning(captions), randomness.to(self.device), self.stream.local_positions(*where)))
+            batches.append(
+                MicroBatch(
+                    self.conditioning(captions), randomness.to(self.device), self.stream.local_positions(*where)
+                )
+            )
         return batches
 
 
@@ -144,7 +170,11 @@ class StepLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, logs: dict) -> None:
@@ -238,7 +268,10 @@ def register_checkpoint_hooks(accelerator, generator, networks, ema, state):
                 if name == "fake_score" and networks.lora:
                     (output_dir / "fake_score_lora").mkdir(parents=True, exist_ok=True)
                     lora = get_peft_model_state_dict(networks.fake_score, adapter_name="fake_score")
-                    save_file({k: v.contiguous() for k, v in lora.items()}, str(output_dir / "fake_score_lora" / "adapter_model.safetensors"))
+                    save_file(
+                        {k: v.contiguous() for k, v in lora.items()},
+                        str(output_dir / "fake_score_lora" / "adapter_model.safetensors"),
+                    )
                 else:
                     accelerator.unwrap_model(model).save_pretrained(output_dir / name, safe_serialization=True)
         while weights:
@@ -327,8 +360,12 @@ def log_validation(accelerator, args, one_step, generator, ema, validation, step
     generator.eval()
     try:
         pipe = SIMOneStepPipeline(
-            tokenizer=None, text_encoder=None, vae=one_step.vae, transformer=generator,
-            scheduler=one_step.scheduler, conditioning_timestep=one_step.conditioning_timestep,
+            tokenizer=None,
+            text_encoder=None,
+            vae=one_step.vae,
+            transformer=generator,
+            scheduler=one_step.scheduler,
+            conditioning_timestep=one_step.conditioning_timestep,
         )
         pipe.set_progress_bar_config(disable=True)
         embeds, mask = validation
@@ -336,8 +373,11 @@ def log_validation(accelerator, args, one_step, generator, ema, validation, step
         seeds = [torch.Generator().manual_seed(i) for _ in range(len(args.validation_prompts)) for i in range(n)]
         with accelerator.autocast():
             images = pipe(
-                prompt_embeds=embeds.repeat_interleave(n, 0), prompt_attention_mask=mask.repeat_interleave(n, 0),
-                generator=seeds, output_type="np", use_resolution_binning=False,
+                prompt_embeds=embeds.repeat_interleave(n, 0),
+                prompt_attention_mask=mask.repeat_interleave(n, 0),
+                generator=seeds,
+                output_type="np",
+                use_resolution_binning=False,
             ).images
     finally:
         generator.train(was_training)
@@ -350,9 +390,18 @@ def log_validation(accelerator, args, one_step, generator, ema, validation, step
     Image.fromarray(grid).save(folder / "latest.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([(im * 255).astype(np.uint8) for im in images]), step, dataformats="NHWC")
+            tracker.writer.add_images(
+                "validation", np.stack([(im * 255).astype(np.uint8) for im in images]), step, dataformats="NHWC"
+            )
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, np.repeat(args.validation_prompts, n))]}, step=step)
+            tracker.log(
+                {
+                    "validation": [
+                        wandb.Image(im, caption=p) for im, p in zip(images, np.repeat(args.validation_prompts, n))
+                    ]
+                },
+                step=step,
+            )
     return images

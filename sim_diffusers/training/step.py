@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import fake_score_loss, loss_weight, regression_loss
 from .. import sampling
+from ..losses import fake_score_loss, loss_weight, regression_loss
 from ..schedule import diffuse
 
 
 @dataclass
 class Conditioning:
-    """Text conditioning of a batch: caption embeddings (B, L, D) + mask (B, L), the empty prompt's, micro-conditions."""
+    """Text conditioning of a batch: caption embeddings (B, L, D) + mask (B, L), the empty prompt's, and the
+    micro-conditions."""
 
     prompt_embeds: torch.Tensor
     prompt_attention_mask: torch.Tensor
@@ -28,14 +29,19 @@ class Conditioning:
     negative_prompt_attention_mask: torch.Tensor
     added_cond_kwargs: dict | None = None
 
-    def select(self, index: torch.Tensor) -> "Conditioning":
+    def select(self, index: torch.Tensor) -> Conditioning:
         """The conditioning of the samples `index` of the batch."""
         added = None
         if self.added_cond_kwargs is not None:
-            added = {k: (v[index] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in self.added_cond_kwargs.items()}
+            added = {
+                k: (v[index] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in self.added_cond_kwargs.items()
+            }
         return Conditioning(
-            self.prompt_embeds[index], self.prompt_attention_mask[index],
-            self.negative_prompt_embeds[index], self.negative_prompt_attention_mask[index], added,
+            self.prompt_embeds[index],
+            self.prompt_attention_mask[index],
+            self.negative_prompt_embeds[index],
+            self.negative_prompt_attention_mask[index],
+            added,
         )
 
     @property
@@ -92,8 +98,14 @@ def teacher_ode_targets(networks, scheduler, noise, conditioning: Conditioning, 
     The teacher runs as in the generator step: in its weight dtype, LoRA adapters of the fake score switched off."""
     with networks.teacher_mode():
         return sampling.teacher_ode_sample(
-            networks.teacher, scheduler, noise, *conditioning.cond, *conditioning.uncond, guidance_scale,
-            num_inference_steps, conditioning.added_cond_kwargs,
+            networks.teacher,
+            scheduler,
+            noise,
+            *conditioning.cond,
+            *conditioning.uncond,
+            guidance_scale,
+            num_inference_steps,
+            conditioning.added_cond_kwargs,
         )
 
 

@@ -207,5 +207,9 @@ def _write_extra(cache_dir: Path, encoder, prompts) -> None:
         return
     embeds, mask = encoder(list(prompts))
     tmp = cache_dir / ".tmp-extra.safetensors"
-    save_file({"embeds": embeds.cpu().contiguous(), "mask": mask.cpu().contiguous()}, str(tmp), metadata={"prompts": json.dumps(list(prompts))})
+    save_file(
+        {"embeds": embeds.cpu().contiguous(), "mask": mask.cpu().contiguous()},
+        str(tmp),
+        metadata={"prompts": json.dumps(list(prompts))},
+    )
     os.replace(tmp, cache_dir / "extra.safetensors")
