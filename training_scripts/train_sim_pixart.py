@@ -52,7 +52,14 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 def parse_args(input_args=None):
     parser = _OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for add_group in (_teacher_and_caption_args, _output_and_optimisation_args, _objective_args, _run_args):
+    for add_group in (
+        _teacher_and_caption_args,
+        _output_and_optimisation_args,
+        _objective_args,
+        _regression_args,
+        _network_args,
+        _run_args,
+    ):
         add_group(parser)
     args = parser.parse_args(input_args)
     if args.regression_warmup_steps is None:
@@ -219,6 +226,10 @@ def _objective_args(parser):
     )
     g.add_argument("--min_timestep", type=int, default=DEFAULT_T_MIN, help="Smallest t of both updates.")
     g.add_argument("--max_timestep", type=int, default=DEFAULT_T_MAX, help="Largest t of both updates.")
+
+
+def _regression_args(parser):
+    g = parser.add_argument_group("teacher-ODE regression and its warm-up")
     g.add_argument(
         "--regression_loss_weight",
         type=float,
@@ -285,6 +296,10 @@ def _objective_args(parser):
         "plain regression has a fixed target, so momentum helps it where SIM's moving target does not "
         "(docs/ground_truth.md).",
     )
+
+
+def _network_args(parser):
+    g = parser.add_argument_group("fake score and EMA")
     g.add_argument(
         "--fake_score_lora_rank",
         type=int,
