@@ -299,12 +299,15 @@ class Divergence:
 
     needs_input_grad: whether the generator step must backpropagate through the teacher and the fake network with
         respect to their input x_t. False means both may run under torch.no_grad (only x_t carries the graph).
+    gradient_size_exponent: e such that, for the same per-element mismatch, the norm of the gradient this loss sends
+        to x0 grows like D^e with the number D of latent elements (`latent_size_scale`; docs/objective.md).
     """
 
     name: str
     needs_input_grad: bool
     description: str
     fn: Callable[..., torch.Tensor]
+    gradient_size_exponent: float
 
     def loss(
         self,
@@ -339,12 +342,32 @@ def _sim_l2(eps_teacher, eps_fake, noise, sigma, *, weight=None):
 DIVERGENCES: dict[str, Divergence] = {
     d.name: d
     for d in (
-        Divergence("sim", True, "SIM with the pseudo-Huber distance (the paper's choice)", _sim_pseudo_huber),
-        Divergence("sim_l2", True, "SIM with the L2 distance (= 2 x SiD with alpha = 1)", _sim_l2),
-        Divergence("sid", True, "Score identity Distillation with its alpha", sid_loss),
-        Divergence("dmd", False, "reverse KL, as DMD and Diff-Instruct (no input gradients)", dmd_loss),
+        # pseudo-Huber with c = 0.03 sqrt(D): d'(y) is a direction whose length does not grow with D
+        Divergence("sim", True, "SIM with the pseudo-Huber distance (the paper's choice)", _sim_pseudo_huber, 0.0),
+        # sums of D per-element terms whose gradients are O(1) each: the norm grows like sqrt(D)
+        Divergence("sim_l2", True, "SIM with the L2 distance (= 2 x SiD with alpha = 1)", _sim_l2, 0.5),
+        Divergence("sid", True, "Score identity Distillation with its alpha", sid_loss, 0.5),
+        Divergence("dmd", False, "reverse KL, as DMD and Diff-Instruct (no input gradients)", dmd_loss, 0.5),
     )
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# How the generator's terms scale with the latent size D = C H W (docs/objective.md, "How the terms scale with the
+# latent size"). For the same per-element mismatch the gradient each term sends to x0 has a norm ~ D^e: e = 0 for the
+# pseudo-Huber divergence, 1/2 for the L2-like ones, -1/2 for the regression term (a mean over elements, in either
+# distance). Adam undoes a common factor of all gradients, not their balance: left alone, the regression's pull
+# relative to SIM's would be 8x weaker at 512 px (D = 16,384) and 16x at 1024 px than at the benchmark's D = 256.
+# The rule: every term is scaled by (D / REFERENCE_NUM_ELEMENTS)^(-e), so that each term's pull on x0, and their
+# balance, is at any D what it is at the latent size the defaults were chosen at (4x8x8: every factor is 1 there).
+REFERENCE_NUM_ELEMENTS = 256
+REGRESSION_GRADIENT_SIZE_EXPONENT = -0.5
+
+
+def latent_size_scale(gradient_size_exponent: float, num_elements: int) -> float:
+    """(D / REFERENCE_NUM_ELEMENTS)^(-e): the factor that makes a term whose x0-gradient norm grows like D^e pull at
+    D = `num_elements` as hard as at the reference size."""
+    return (num_elements / REFERENCE_NUM_ELEMENTS) ** (-gradient_size_exponent)
 
 
 def get_divergence(name: str) -> Divergence:

@@ -81,7 +81,9 @@ def check_teacher(args) -> dict:
             f"--resolution {args.resolution} does not match the teacher, which was trained at {native_resolution} px "
             f"(sample_size {transformer_config['sample_size']}); omit --resolution or pass {native_resolution}."
         )
-    return {"teacher_family": family.name, "native_resolution": native_resolution}
+    side = transformer_config["sample_size"]
+    latent_shape = [transformer_config.get("in_channels", 4), side, side]
+    return {"teacher_family": family.name, "native_resolution": native_resolution, "latent_shape": latent_shape}
 
 
 def check_arguments(args) -> None:

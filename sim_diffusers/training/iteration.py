@@ -21,13 +21,22 @@ Accelerate and distribution is invisible to it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..generator import one_step_generate
-from ..losses import DEFAULT_WEIGHTING, get_divergence, is_finite
+from ..losses import (
+    DEFAULT_WEIGHTING,
+    REFERENCE_NUM_ELEMENTS,
+    REGRESSION_GRADIENT_SIZE_EXPONENT,
+    default_huber_c,
+    get_divergence,
+    is_finite,
+    latent_size_scale,
+)
 from .captions import SampleRandomness
 from .step import Conditioning, fake_score_update_loss, generator_update_loss, regression_term, teacher_ode_targets
 
@@ -51,6 +60,8 @@ class IterationConfig:
     regression_warmup_learning_rate: G's learning rate then (None: 10x the generator optimiser's own).
     regression_warmup_adam_beta1: G's Adam beta1 then; the optimiser's own betas after it.
     max_grad_norm: gradient clipping of both networks (<= 0: none).
+    latent_size_normalisation: scale the divergence and the regression term with the latent size D so that each
+        pulls on x0, and the two balance, as they do at 4x8x8 latents (`losses.latent_size_scale`; factors 1 there).
     """
 
     divergence: str = "sim"
@@ -68,11 +79,43 @@ class IterationConfig:
     regression_warmup_learning_rate: float | None = None
     regression_warmup_adam_beta1: float = 0.9
     max_grad_norm: float = 1.0
+    latent_size_normalisation: bool = True
 
     @classmethod
     def from_namespace(cls, namespace) -> IterationConfig:
         """The config of an argparse namespace (or any object) holding attributes of the same names."""
         return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)})
+
+    def term_scales(self, num_elements: int) -> tuple[float, float]:
+        """(divergence factor, regression factor) at D = `num_elements` latent elements."""
+        if not self.latent_size_normalisation:
+            return 1.0, 1.0
+        divergence = get_divergence(self.divergence)
+        return (
+            latent_size_scale(divergence.gradient_size_exponent, num_elements),
+            latent_size_scale(REGRESSION_GRADIENT_SIZE_EXPONENT, num_elements),
+        )
+
+    def at_latent_size(self, latent_shape) -> dict:
+        """What the objective is at a latent shape (C, H, W): the pseudo-Huber scales, each term's factor, and the
+        regression's pull relative to the divergence's against the reference size (1 when normalised)."""
+        num_elements = math.prod(latent_shape)
+        divergence_scale, regression_scale = self.term_scales(num_elements)
+        exponents = get_divergence(self.divergence).gradient_size_exponent, REGRESSION_GRADIENT_SIZE_EXPONENT
+        unnormalised = (num_elements / REFERENCE_NUM_ELEMENTS) ** (exponents[1] - exponents[0])
+        return {
+            "latent_elements": num_elements,
+            "huber_c": self.huber_c if self.huber_c is not None else default_huber_c(num_elements),
+            "regression_huber_c": (
+                self.regression_huber_c if self.regression_huber_c is not None else default_huber_c(num_elements)
+            ),
+            "divergence_factor": divergence_scale,
+            "regression_factor": regression_scale,
+            # the regression : divergence pull on x0 at this size over the same ratio at 4x8x8, for the same
+            # per-element mismatch: 1 is the balance the defaults were chosen with
+            "regression_to_divergence_vs_reference": unnormalised * regression_scale / divergence_scale,
+            "regression_to_divergence_vs_reference_unnormalised": unnormalised,
+        }
 
     def divergence_options(self) -> dict:
         if self.divergence == "sim" and self.huber_c is not None:
@@ -307,14 +350,16 @@ class SIMIteration:
 
     def generator_loss(self, step: int, models: TrainingModels, batch: MicroBatch, x0, warming_up: bool):
         """(loss, its detached terms by name) of one micro-batch: the divergence (not during the warm-up) plus the
-        weighted regression term on the samples that get a target. Terms: "divergence", "eps_gap" (mean squared
+        weighted regression term on the samples that get a target, each scaled with the latent size
+        (`IterationConfig.term_scales`; the terms are reported unscaled). Terms: "divergence", "eps_gap" (mean squared
         eps_teacher - eps_fake), "regression" (unweighted), those that were computed."""
         config, rnd, cond = self.config, batch.randomness, batch.conditioning
+        divergence_scale, regression_scale = config.term_scales(x0[0].numel())
         terms = {}
         if warming_up:
             loss = x0.sum() * 0.0
         else:
-            loss, stats = generator_update_loss(
+            divergence, stats = generator_update_loss(
                 models.networks,
                 x0,
                 rnd.generator_timesteps,
@@ -326,7 +371,8 @@ class SIMIteration:
                 config.loss_weighting,
                 self.divergence_options,
             )
-            terms = {"divergence": loss.detach(), "eps_gap": stats["eps_gap"]}
+            loss = divergence_scale * divergence
+            terms = {"divergence": divergence.detach(), "eps_gap": stats["eps_gap"]}
         self.hooks.mark("generator_loss_forward")
         if config.regression_loss_weight <= 0:
             return loss, terms
@@ -349,7 +395,7 @@ class SIMIteration:
         regression = regression_term(
             x0, targets, index, len(batch.positions) / every, distance, config.regression_huber_c
         )
-        loss = loss + (1.0 if warming_up else config.regression_loss_weight) * regression
+        loss = loss + (1.0 if warming_up else config.regression_loss_weight) * regression_scale * regression
         terms["regression"] = regression.detach()
         return loss, terms
 
