@@ -21,6 +21,13 @@ def add_world_and_teacher_args(parser: argparse.ArgumentParser) -> None:
         help="default: 4 captions x 3 modes in a 4x8x8 latent; quick: 2 x 2 in 4x4x4, for CI.",
     )
     group.add_argument("--world_seed", type=int, default=0)
+    group.add_argument(
+        "--latent_side",
+        type=int,
+        default=8,
+        help="The default world at a latent of 4 x SIDE x SIDE (8, 16, 32, 64: D = 256 .. 16,384, the same modes, "
+        "patterns upsampled, the teacher's patch grown with the side so that it keeps 16 tokens).",
+    )
     # Teacher training overrides (TeacherConfig); named apart from the distillation's options of the same kind.
     group.add_argument(
         "--teacher_train_steps",
@@ -65,9 +72,16 @@ def world_and_config(args) -> tuple[GaussianMixtureWorld, TeacherConfig]:
     quiet_libraries()
     names = ("train_steps", "batch_size", "learning_rate", "num_layers")
     overrides = {k: getattr(args, f"teacher_{k}") for k in names if getattr(args, f"teacher_{k}") is not None}
+    side = getattr(args, "latent_side", 8)
     if args.world == "quick":
+        if side != 8:
+            raise SystemExit("error: --latent_side applies to the default world only.")
         return GaussianMixtureWorld.quick(seed=args.world_seed), TeacherConfig.quick(**overrides)
-    return GaussianMixtureWorld(seed=args.world_seed), TeacherConfig(**overrides)
+    try:
+        world = GaussianMixtureWorld.at_latent_side(side, seed=args.world_seed)
+    except ValueError as err:
+        raise SystemExit(f"error: --latent_side {side}: {err}") from None
+    return world, TeacherConfig.for_world(world, **overrides)
 
 
 def quiet_libraries() -> None:

@@ -57,6 +57,18 @@ class TeacherConfig:
     weight_decay: float = 0.0
     uncond_prob: float = 0.1
     seed: int = 0
+    patch_size: int | None = None  # None: the fixture's 2
+
+    @classmethod
+    def for_world(cls, world: GaussianMixtureWorld, **overrides) -> TeacherConfig:
+        """The default teacher for a world of `GaussianMixtureWorld.at_latent_side`: the patch grows with the latent
+        (2 at side 8, 4 at 16, 8 at 32, 16 at 64) so that every size has the same 16 tokens, and the transformer's
+        cost stays nearly the same; only its patch embedding and output projection grow (C p^2 inputs and 2 C p^2
+        outputs per token)."""
+        side = world.latent_shape[1]
+        if side != 8:
+            overrides.setdefault("patch_size", side // 4)
+        return cls(**overrides)
 
     @classmethod
     def quick(cls, **overrides) -> TeacherConfig:
@@ -76,11 +88,14 @@ class TeacherConfig:
             in_channels=channels,
             out_channels=2 * channels,
             sample_size=size,
+            **({} if self.patch_size is None else {"patch_size": self.patch_size}),
         )
 
 
 def teacher_cache_key(world: GaussianMixtureWorld, config: TeacherConfig) -> str:
-    payload = {"world": world.to_dict(), "teacher": asdict(config), "version": TEACHER_BUILD_VERSION}
+    # Fields left at None are omitted, so that configs from before such a field keep their cached teachers.
+    teacher = {k: v for k, v in asdict(config).items() if v is not None}
+    payload = {"world": world.to_dict(), "teacher": teacher, "version": TEACHER_BUILD_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -68,6 +68,9 @@ class GaussianMixtureWorld:
         amplitude: A, the absolute value of every latent element of every mode mean.
         mode_std: s, the per-element standard deviation of every mode.
         mode_weights: w_k (normalised here), the same for every caption.
+        reference_block_size: when set, the fidelity radius is the one a world with blocks of this side would have
+            (`at_latent_side`: larger worlds keep the default world's radius, so that the same blends are off-mode
+            at every size); None: this world's own block size.
     """
 
     seed: int = 0
@@ -78,6 +81,7 @@ class GaussianMixtureWorld:
     amplitude: float = 0.8
     mode_std: float = 0.15
     mode_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
+    reference_block_size: int | None = None
 
     def __post_init__(self):
         # JSON round trips give lists: keep the dataclass hashable and its fingerprint stable.
@@ -104,6 +108,21 @@ class GaussianMixtureWorld:
         params = dict(
             num_captions=2, modes_per_caption=2, latent_shape=(4, 4, 4), block_size=2, mode_weights=(0.7, 0.3)
         )
+        params.update(overrides)
+        return cls(**params)
+
+    @classmethod
+    def at_latent_side(cls, side: int, **overrides) -> GaussianMixtureWorld:
+        """The default world at a latent of 4 x side x side: the same captions, modes and weights, the same per-element
+        amplitude and std, the same block sign patterns upsampled (blocks of side / 2, so the same 16 blocks) and the
+        same fidelity radius (a blend of two modes is off-mode at the same share at every size). Only the number of
+        latent elements D changes (side 8 is the default world itself)."""
+        if side < 8 or side % 8:
+            raise ValueError(f"the latent side must be a multiple of 8, got {side}.")
+        default = cls()
+        if side == default.latent_shape[1]:
+            return cls(**overrides)
+        params = dict(latent_shape=(4, side, side), block_size=side // 2, reference_block_size=default.block_size)
         params.update(overrides)
         return cls(**params)
 
@@ -142,7 +161,8 @@ class GaussianMixtureWorld:
 
         A block mean of an exact sample has std s / b, so that distance is (s / b) chi_P.
         """
-        return RADIUS_MARGIN * self.mode_std / self.block_size * chi_quantile(self.num_blocks, RADIUS_QUANTILE)
+        block_size = self.reference_block_size or self.block_size
+        return RADIUS_MARGIN * self.mode_std / block_size * chi_quantile(self.num_blocks, RADIUS_QUANTILE)
 
     @property
     def mmd_bandwidth(self) -> float:
@@ -150,7 +170,10 @@ class GaussianMixtureWorld:
         return self.mode_std * math.sqrt(2 * self.dim)
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+        """The parameters (fields left at None are omitted, so that worlds from before such a field keep their
+        fingerprints and cached teachers)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if v is not None}
 
     @classmethod
     def from_dict(cls, params: Mapping) -> GaussianMixtureWorld:
