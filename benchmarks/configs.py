@@ -270,12 +270,14 @@ def sim_iteration_flops(
     regression_samples: float = 0.0,
     regression_steps: int = 8,
     warmup: bool = False,
+    generator_steps: int = 1,
 ) -> dict:
     """FLOPs of one SIM training iteration by pass (model FLOPs, no recomputation); see the module docstring.
 
     regression_samples: samples of the batch that get a teacher-ODE target (each `regression_steps` guided teacher
     forwards, no backward). warmup: the regression warm-up's iteration, whose generator loss has no divergence (no
-    teacher or fake score backpropagated to x_t).
+    teacher or fake score backpropagated to x_t). generator_steps: K of a K-step generator, whose samples train
+    calls 1 .. K uniformly (backward simulation): (K - 1) / 2 calls per sample run before, without gradients.
     """
     fwd = transformer_forward_flops(config, batch_size)
     fake_fwd = transformer_forward_flops(config, batch_size, lora_rank=lora_rank)
@@ -285,6 +287,7 @@ def sim_iteration_flops(
     passes = {
         "generator_forward": fwd,
         "generator_backward": 2 * fwd,
+        "generator_simulated_calls": fwd * (generator_steps - 1) // 2,
         # trainable: input grads + weight grads. LoRA: the base only needs input grads, the adapters both.
         "fake_score_update": 3 * fwd if lora_rank <= 0 else 2 * fwd + 3 * lora_extra,
     }

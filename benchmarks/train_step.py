@@ -88,6 +88,13 @@ def parse_args(input_args=None):
     )
     g.add_argument("--divergence", default=IterationConfig.divergence, help="sim, sim_l2, sid or dmd.")
     g.add_argument("--no_ema", action="store_true", help="Leave out the generator EMA.")
+    g.add_argument(
+        "--num_generator_steps",
+        type=int,
+        default=1,
+        help="K of a K-step generator (the trainer's default timesteps); its samples train calls 1..K in turn "
+        "(backward simulation).",
+    )
     g = parser.add_argument_group("measurement")
     g.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES, help="Which phases to time.")
     g.add_argument("--steps", type=int, default=5, help="Timed rounds.")
@@ -156,7 +163,7 @@ def build(
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
     from diffusers.training_utils import EMAModel
 
-    from sim_diffusers.generator import micro_conditions
+    from sim_diffusers.generator import default_generator_timesteps, micro_conditions
     from sim_diffusers.losses import DEFAULT_T_MAX, DEFAULT_T_MIN
     from sim_diffusers.sampling import ode_scheduler
     from sim_diffusers.schedule import DEFAULT_SIGMA_INIT, alphas_cumprod_of, timestep_for_ve_sigma
@@ -187,6 +194,7 @@ def build(
     # 2. Schedule, t*, optimisers and schedules, prepared as in the trainer; EMA
     alphas_cumprod = alphas_cumprod_of(DDPMScheduler.from_config(teacher_scheduler.config)).to(device)
     t_star = timestep_for_ve_sigma(alphas_cumprod.cpu(), DEFAULT_SIGMA_INIT)
+    generator_timesteps = default_generator_timesteps(t_star, args.num_generator_steps)
     optimisation = build_optimisation(optimizer_config, generator, networks, max_train_steps=10**6)
     generator_p, fake_p, *optimisation = accelerator.prepare(generator, networks.fake_score, *optimisation)
     opt_g, opt_f, sched_g, sched_f = optimisation
@@ -205,7 +213,7 @@ def build(
         ema.to(device)
     models = TrainingModels(generator_p, networks, fake_p, opt_g, sched_g, opt_f, sched_f, ema)
     scheduler = ode_scheduler(teacher_scheduler)
-    iteration = SIMIteration(iteration_config, t_star, alphas_cumprod, scheduler)
+    iteration = SIMIteration(iteration_config, generator_timesteps, alphas_cumprod, scheduler)
 
     # 3. One batch: random caption embeddings (the text-embedding cache's dtype is the weight dtype) and randomness
     if batch is None:
@@ -222,7 +230,11 @@ def build(
             torch.randn(shape, generator=gen),
             torch.randint(*t_range, (b,), generator=gen),
             torch.randn(shape, generator=gen),
-        ).to(device)
+        )
+        if args.num_generator_steps > 1:  # every call of the K trained by some sample, as on average in training
+            rnd.generator_step = torch.arange(b) % args.num_generator_steps
+            rnd.fresh_noise = torch.randn((b, args.num_generator_steps - 1, *shape[1:]), generator=gen)
+        rnd = rnd.to(device)
         batch = MicroBatch(Conditioning(embeds, mask, neg, neg_mask, added), rnd, range(b))
     return Setup(args, accelerator, device, weight_dtype, iteration, models, batch, scheduler)
 
@@ -594,6 +606,7 @@ def phase_result(s: Setup, clock: Clock, phase: str, config: dict) -> dict:
         regression_samples=targets,
         regression_steps=iteration.config.regression_num_inference_steps,
         warmup=phase == "warmup",
+        generator_steps=args.num_generator_steps,
     )
     tflops = flops["total"] / iteration_s / 1e12
     peak = configs.peak_bf16_tflops(device_name(s.device)) if s.device.type == "cuda" else None

@@ -1,4 +1,5 @@
-"""The one-step generator mapping and the epsilon calls of PixArt transformers: the one home of both.
+"""The generator mapping (one step, and K steps of the same network) and the epsilon calls of PixArt transformers: the
+one home of both.
 
 The pipeline, the trainer, the benchmarks and the evaluation call these functions, so that the generator used in
 training and the one users load can never drift apart.
@@ -8,14 +9,19 @@ One-step generator (SIM-DiT-600M form; EDM's iDDPM preconditioning with c_skip =
     eps_hat = transformer(x_in, t*, c)[:, :latent_channels]  (learned-sigma channels dropped)
     x0 = (x_in - sigma_{t*} * eps_hat) / alpha_{t*}
 
+K-step generator (`few_step_generate`): the same network at K decreasing timesteps, each x0 re-noised with fresh
+noise to the next timestep, the last x0 the sample; K = 1 is the one-step generator above.
+
 Only torch is imported; the transformer is any module with PixArtTransformer2DModel's call signature.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
-from .schedule import alpha_sigma
+from .schedule import alpha_sigma, diffuse
 
 
 def latent_channels_of(transformer) -> int:
@@ -130,6 +136,117 @@ def eps_to_x0(x_t: torch.Tensor, eps_hat: torch.Tensor, alphas_cumprod: torch.Te
     return (x_t - sigma * eps_hat) / alpha
 
 
+def generator_step(
+    transformer,
+    x_t: torch.Tensor,
+    timestep: int,
+    alphas_cumprod: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    added_cond_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """One call of the generator: x0 = (x_t - sigma_t eps_hat(x_t, t, c)) / alpha_t at the timestep t."""
+    eps_hat = predict_eps(transformer, x_t, timestep, prompt_embeds, prompt_attention_mask, added_cond_kwargs)
+    return eps_to_x0(x_t, eps_hat, alphas_cumprod, timestep)
+
+
+def few_step_generate(
+    transformer,
+    noise: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    added_cond_kwargs: dict | None = None,
+    fresh_noise: Sequence[torch.Tensor] | Callable[[int], torch.Tensor] | None = None,
+    graph_from_step: int = 0,
+) -> torch.Tensor:
+    """x0 = G_theta(z, c) in K = len(timesteps) calls of the same network at decreasing timesteps t_1 > ... > t_K:
+
+        x_{t_1} = sigma_{t_1} z                                    (zero signal, as the one-step generator)
+        x0_k = (x_{t_k} - sigma_{t_k} eps_hat(x_{t_k}, t_k, c)) / alpha_{t_k}
+        x_{t_{k+1}} = alpha_{t_{k+1}} x0_k + sigma_{t_{k+1}} eps_{k+1}   (fresh noise eps_{k+1} ~ N(0, I))
+
+    and the sample is x0_K. K = 1 is the one-step generator. This is LCM's multistep sampling (x0, then re-noised
+    with fresh noise to the next timestep) without its boundary-condition blend, which is how a stock
+    `PixArtAlphaPipeline` with `LCMScheduler` reproduces it (tested).
+
+    noise: z, (B, C, h, w), unscaled. fresh_noise: eps_2 .. eps_K, as a sequence or a function of the step index
+    k = 1 .. K - 1 (drawn when called, so a pipeline can draw them from its generator in order). graph_from_step:
+    calls before this index run without autograd (backward simulation trains the last call only).
+    """
+    if len(timesteps) > 1 and fresh_noise is None:
+        raise ValueError(f"{len(timesteps)} generator steps need fresh noise for the steps after the first.")
+    grad = torch.is_grad_enabled()
+
+    def step(k: int, x_t: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(grad and k >= graph_from_step):
+            return generator_step(
+                transformer, x_t, timesteps[k], alphas_cumprod, prompt_embeds, prompt_attention_mask, added_cond_kwargs
+            )
+
+    x0 = step(0, scale_noise_to_conditioning_timestep(noise, alphas_cumprod, timesteps[0]).to(noise.dtype))
+    for k in range(1, len(timesteps)):
+        eps = fresh_noise(k) if callable(fresh_noise) else fresh_noise[k - 1]
+        t_next = torch.full((x0.shape[0],), int(timesteps[k]), device=x0.device, dtype=torch.long)
+        x0 = step(k, diffuse(x0, t_next, eps, alphas_cumprod)[0])
+    return x0
+
+
+def backward_simulation(
+    transformer,
+    noise: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    added_cond_kwargs: dict | None,
+    fresh_noise: torch.Tensor,
+    trained_steps: torch.Tensor,
+) -> torch.Tensor:
+    """The K-step generator's output at the call each sample trains (DMD2's backward simulation): sample i runs
+    calls 1 .. k_i of `few_step_generate` without autograd and call k_i + 1 with it, k_i = trained_steps[i].
+
+    fresh_noise: (B, K - 1, C, h, w), sample i's eps_2 .. eps_K; trained_steps: (B,) in [0, K). Returns (B, C, h, w),
+    each sample's x0_{k_i + 1}, carrying the graph of its last call only (under an enabled autograd). Samples that
+    share a call run in one batched forward per call and per kind (simulated or trained).
+    """
+    grad, steps = torch.is_grad_enabled(), trained_steps.tolist()
+    outputs: list[torch.Tensor | None] = [None] * noise.shape[0]
+    x_t = scale_noise_to_conditioning_timestep(noise, alphas_cumprod, timesteps[0]).to(noise.dtype)
+    for k, timestep in enumerate(timesteps):
+        simulated = [i for i, last in enumerate(steps) if last > k]
+        trained = [i for i, last in enumerate(steps) if last == k]
+        for rows, with_graph in ((trained, True), (simulated, False)):
+            if not rows:
+                continue
+            index = torch.tensor(rows, device=noise.device)
+            with torch.set_grad_enabled(grad and with_graph):
+                x0 = generator_step(
+                    transformer,
+                    x_t[index],
+                    timestep,
+                    alphas_cumprod,
+                    prompt_embeds[index],
+                    prompt_attention_mask[index],
+                    _select_rows(added_cond_kwargs, index),
+                )
+            if with_graph:
+                for j, i in enumerate(rows):
+                    outputs[i] = x0[j]
+            else:  # re-noised to the next call's timestep
+                t_next = torch.full((len(rows),), int(timesteps[k + 1]), device=x0.device, dtype=torch.long)
+                x_t = x_t.clone()
+                x_t[index] = diffuse(x0, t_next, fresh_noise[index, k], alphas_cumprod)[0].to(x_t.dtype)
+    return torch.stack(outputs)
+
+
+def _select_rows(added_cond_kwargs: dict | None, index: torch.Tensor) -> dict | None:
+    if added_cond_kwargs is None:
+        return None
+    return {k: (v[index] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in added_cond_kwargs.items()}
+
+
 def one_step_generate(
     transformer,
     noise: torch.Tensor,
@@ -139,10 +256,31 @@ def one_step_generate(
     prompt_attention_mask: torch.Tensor,
     added_cond_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """x0 = G_theta(z, c): the one-step generator, differentiable in the transformer's parameters.
+    """x0 = G_theta(z, c): the one-step generator (`few_step_generate` at the single timestep t*), differentiable in
+    the transformer's parameters.
 
     noise: z ~ N(0, I), (B, C, h, w), unscaled; returns the latent x0 of the same shape (VAE-scaled latent space).
     """
-    x_in = scale_noise_to_conditioning_timestep(noise, alphas_cumprod, t_star).to(noise.dtype)
-    eps_hat = predict_eps(transformer, x_in, t_star, prompt_embeds, prompt_attention_mask, added_cond_kwargs)
-    return eps_to_x0(x_in, eps_hat, alphas_cumprod, t_star)
+    return few_step_generate(
+        transformer, noise, [t_star], alphas_cumprod, prompt_embeds, prompt_attention_mask, added_cond_kwargs
+    )
+
+
+def default_generator_timesteps(t_star: int, num_steps: int) -> list[int]:
+    """The K-step generator's timesteps by default: t* (the one-step generator's) first, then evenly spaced down to
+    t* / K: K = 2 gives [440, 220], K = 4 [440, 330, 220, 110] for PixArt's t* = 440."""
+    if num_steps < 1:
+        raise ValueError(f"the number of generator steps must be >= 1, got {num_steps}.")
+    return [round(t_star * (num_steps - k) / num_steps) for k in range(num_steps)]
+
+
+def check_generator_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
+    """The timesteps as ints, or ValueError: at least one, strictly decreasing, within [1, num_train_timesteps - 1]."""
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps:
+        raise ValueError("give at least one generator timestep.")
+    if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"generator timesteps must be strictly decreasing, got {timesteps}.")
+    if timesteps[-1] < 1 or timesteps[0] > num_train_timesteps - 1:
+        raise ValueError(f"generator timesteps must lie in [1, {num_train_timesteps - 1}], got {timesteps}.")
+    return timesteps

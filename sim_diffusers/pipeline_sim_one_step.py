@@ -39,7 +39,7 @@ from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import T5EncoderModel, T5Tokenizer
 
-from .generator import micro_conditions, one_step_generate
+from .generator import check_generator_timesteps, few_step_generate, micro_conditions
 from .schedule import DEFAULT_SIGMA_INIT, alphas_cumprod_of, check_timestep, timestep_for_ve_sigma
 from .teachers import PIXART_ALPHA, family_of_pipeline, load_teacher_pipeline
 
@@ -113,6 +113,10 @@ class SIMOneStepPipeline(DiffusionPipeline):
             training time; defaults to the timestep whose VE noise level is nearest to 2.5 (t = 440 for PixArt).
         max_sequence_length (`int`, *optional*): T5 tokens per prompt, the length the generator was trained with;
             defaults to PixArt-alpha's 120 (`from_teacher` and `from_pipe` set PixArt-Σ's 300 for Σ teachers).
+        generator_timesteps (`list[int]`, *optional*): the K decreasing timesteps of a K-step generator (the same
+            network called K times, each x0 re-noised with fresh noise to the next timestep,
+            `sim_diffusers.generator.few_step_generate`); the first is t*. Defaults to `[conditioning_timestep]`: the
+            one-step generator.
     """
 
     _optional_components = ["tokenizer", "text_encoder"]
@@ -133,22 +137,37 @@ class SIMOneStepPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         conditioning_timestep: int | None = None,
         max_sequence_length: int | None = None,
+        generator_timesteps: list[int] | None = None,
     ):
         super().__init__()
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
+        if generator_timesteps is not None:
+            generator_timesteps = [int(t) for t in generator_timesteps]
+            if conditioning_timestep is not None and generator_timesteps[:1] != [int(conditioning_timestep)]:
+                raise ValueError(
+                    f"generator_timesteps {generator_timesteps} must start at conditioning_timestep "
+                    f"{conditioning_timestep}."
+                )
+            conditioning_timestep = generator_timesteps[0] if generator_timesteps else None
         if scheduler is not None:  # without one, t* is kept as given and the schedule is asked for at call time
             alphas_cumprod = alphas_cumprod_of(scheduler)
             if conditioning_timestep is None:
                 conditioning_timestep = timestep_for_ve_sigma(alphas_cumprod, DEFAULT_SIGMA_INIT)
             conditioning_timestep = check_timestep(alphas_cumprod, conditioning_timestep)
+            if generator_timesteps is not None:
+                generator_timesteps = check_generator_timesteps(generator_timesteps, alphas_cumprod.shape[0])
+        if generator_timesteps is None and conditioning_timestep is not None:
+            generator_timesteps = [int(conditioning_timestep)]
         if max_sequence_length is None:
             max_sequence_length = PIXART_ALPHA.max_sequence_length  # folders saved before PixArt-Σ support
         if int(max_sequence_length) < 1:
             raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}.")
         self.register_to_config(
-            conditioning_timestep=conditioning_timestep, max_sequence_length=int(max_sequence_length)
+            conditioning_timestep=conditioning_timestep,
+            max_sequence_length=int(max_sequence_length),
+            generator_timesteps=generator_timesteps,
         )
         self.vae_scale_factor = vae_scale_factor_of(vae)
         self.image_processor = PixArtImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -157,12 +176,22 @@ class SIMOneStepPipeline(DiffusionPipeline):
     def conditioning_timestep(self) -> int | None:
         return self.config.conditioning_timestep
 
+    @property
+    def generator_timesteps(self) -> list[int] | None:
+        """The timesteps of the generator's calls (one for a one-step generator; folders saved before K-step
+        generators existed have only `conditioning_timestep`)."""
+        timesteps = self.config.get("generator_timesteps")
+        if timesteps is None and self.conditioning_timestep is not None:
+            return [self.conditioning_timestep]
+        return None if timesteps is None else list(timesteps)
+
     @classmethod
     def from_teacher(
         cls,
         teacher: str | os.PathLike | DiffusionPipeline,
         conditioning_timestep: int | None = None,
         max_sequence_length: int | None = None,
+        generator_timesteps: list[int] | None = None,
         **kwargs,
     ) -> "SIMOneStepPipeline":
         """A one-step pipeline whose generator starts as a copy of a PixArt-alpha or PixArt-Σ teacher.
@@ -174,6 +203,7 @@ class SIMOneStepPipeline(DiffusionPipeline):
                 deep-copied, the frozen tokenizer, text encoder and VAE are shared.
             conditioning_timestep: t* (default: VE sigma 2.5, i.e. t = 440 for PixArt's schedule).
             max_sequence_length: T5 tokens per prompt (default: the teacher family's, 120 or 300).
+            generator_timesteps: the K timesteps of a K-step generator, starting at t* (default: one step at t*).
             kwargs: passed to the teacher pipeline's `from_pretrained` when `teacher` is a path or Hub id
                 (`revision`, `variant`, `dtype`, ...).
         """
@@ -207,6 +237,7 @@ class SIMOneStepPipeline(DiffusionPipeline):
             scheduler=scheduler,
             conditioning_timestep=conditioning_timestep,
             max_sequence_length=family.max_sequence_length if max_sequence_length is None else max_sequence_length,
+            generator_timesteps=generator_timesteps,
         )
 
     @classmethod
@@ -355,6 +386,7 @@ class SIMOneStepPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        num_inference_steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -368,13 +400,17 @@ class SIMOneStepPipeline(DiffusionPipeline):
         max_sequence_length: int | None = None,
     ):
         r"""
-        Generate images in one transformer evaluation.
+        Generate images in one transformer evaluation (a K-step generator: in up to K).
 
         Args:
             prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds` instead.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            num_inference_steps (`int`, *optional*): generator calls, 1 to the K the generator was trained with
+                (default K): the first `num_inference_steps` of its `generator_timesteps`. Every call's output was
+                trained to be a sample (backward simulation), so fewer calls give a valid, less refined sample.
             height, width (`int`, *optional*): image size in pixels; defaults to the transformer's training size.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator, or one per image.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator, or one per image;
+                it draws z (unless `latents` is given), then the fresh noise of each call after the first.
             latents (`torch.Tensor`, *optional*): the input noise z ~ N(0, I), shape (B, C, H/8, W/8), unscaled;
                 the pipeline scales it to the conditioning timestep itself.
             prompt_embeds, prompt_attention_mask (`torch.Tensor`, *optional*): precomputed T5 embeddings (B, L, D)
@@ -397,6 +433,14 @@ class SIMOneStepPipeline(DiffusionPipeline):
         """
         # 1. Check inputs (the components first: the default size is the transformer's), resolving the size and its bin
         self.check_components(output_type)
+        timesteps = self.generator_timesteps
+        if num_inference_steps is not None:
+            if not 1 <= num_inference_steps <= len(timesteps):
+                raise ValueError(
+                    f"`num_inference_steps` must be between 1 and {len(timesteps)}, the generator's trained steps "
+                    f"{timesteps}; got {num_inference_steps}."
+                )
+            timesteps = timesteps[:num_inference_steps]
         height = height or self.transformer.config.sample_size * self.vae_scale_factor
         width = width or self.transformer.config.sample_size * self.vae_scale_factor
         orig_height, orig_width = height, width
@@ -428,16 +472,18 @@ class SIMOneStepPipeline(DiffusionPipeline):
         # 3. Input noise z
         noise = self.prepare_noise(num_images, height, width, prompt_embeds.dtype, device, generator, latents)
 
-        # 4. One-step generation x0 = G(z, c)
+        # 4. Generation x0 = G(z, c): one call at t*, or K calls with fresh noise drawn from `generator` in between
         added_cond_kwargs = micro_conditions(self.transformer, num_images, height, width, device, prompt_embeds.dtype)
-        x0 = one_step_generate(
+        dtype = self.transformer.dtype
+        x0 = few_step_generate(
             self.transformer,
-            noise.to(self.transformer.dtype),
-            self.conditioning_timestep,
+            noise.to(dtype),
+            timesteps,
             self.scheduler.alphas_cumprod,
-            prompt_embeds.to(self.transformer.dtype),
+            prompt_embeds.to(dtype),
             prompt_attention_mask,
             added_cond_kwargs,
+            fresh_noise=lambda k: randn_tensor(noise.shape, generator=generator, device=device, dtype=dtype),
         )
 
         # 5. Decode

@@ -77,6 +77,8 @@ def test_sim_iteration_flop_accounting():
     # The default iteration: on average half a sample of the batch of 2 gets a target (one in four), each 8 guided
     # teacher forwards (16 per-sample forwards, so 8 per-sample forwards = 4f), no backward
     assert configs.sim_iteration_flops(config, 2, regression_samples=0.5)["total"] == 12 * f + 4 * f
+    # A 4-step generator: on average 1.5 calls per sample run before the trained one, without gradients
+    assert configs.sim_iteration_flops(config, 2, generator_steps=4)["total"] == 12 * f + f * 3 // 2
     # The warm-up: no divergence, a target for every sample
     assert (
         configs.sim_iteration_flops(config, 2, regression_samples=2, warmup=True)["total"] == 6 * f + 16 * f

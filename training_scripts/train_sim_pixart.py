@@ -62,6 +62,8 @@ def parse_args(input_args=None):
     ):
         add_group(parser)
     args = parser.parse_args(input_args)
+    if args.num_generator_steps is None:
+        args.num_generator_steps = len(args.generator_timesteps) if args.generator_timesteps else 1
     if args.regression_warmup_steps is None:
         args.regression_warmup_steps = DEFAULT_REGRESSION_WARMUP_STEPS if args.regression_loss_weight > 0 else 0
     return args
@@ -206,6 +208,23 @@ def _objective_args(parser):
         type=int,
         default=None,
         help="t* of the one-step generator; default: VE sigma 2.5 (t = 440). Fixed for the model's life.",
+    )
+    g.add_argument(
+        "--num_generator_steps",
+        type=int,
+        default=None,
+        help="K: the generator calls the same network K times at decreasing timesteps, re-noising each x0 with fresh "
+        "noise (1, the default, is the one-step generator). Trained by backward simulation: each sample trains one "
+        "of the K calls, drawn per sample, the calls before it run without gradients. Default: the number of "
+        "--generator_timesteps, else 1.",
+    )
+    g.add_argument(
+        "--generator_timesteps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="The K generator timesteps, strictly decreasing, the first being t*; saved with the pipeline. Default: "
+        "t* then evenly spaced down to t*/K (K = 2: 440 220; K = 4: 440 330 220 110).",
     )
     g.add_argument(
         "--huber_c",
@@ -396,6 +415,7 @@ def main(args):
         facts = {"num_captions": len(caption_set.captions), "resume": str(resume_path), **teacher_facts}
         # The objective at this latent size: pseudo-Huber scales, each term's factor, the regression:divergence balance
         objective = IterationConfig.from_namespace(args).at_latent_size(teacher_facts["latent_shape"])
+        facts["resolved_generator_timesteps"] = resolve_generator_timesteps(args, load_teacher_scheduler(args))
         print(json.dumps({**public_arguments(vars(args)), **facts, "objective": objective}, indent=2))
         return 0
     try:
@@ -426,6 +446,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     # 1. Teacher T (frozen, weight dtype), generator G and fake score F (fp32 master weights)
     teacher_pipe, one_step, networks = build_networks(args, device, weight_dtype)
     generator, t_star = one_step.transformer, one_step.conditioning_timestep
+    generator_timesteps = one_step.generator_timesteps
     alphas_cumprod = one_step.scheduler.alphas_cumprod.to(device)
 
     # 2. Text conditioning: T5 online, or a safetensors cache built once (then T5 leaves memory)
@@ -446,10 +467,16 @@ def train(args, caption_set, teacher_facts, resume_path):
     # the world size)
     fault_plan = faults.from_environment()
     iteration = SIMIteration(
-        IterationConfig.from_namespace(args), t_star, alphas_cumprod, ode_scheduler(teacher_pipe.scheduler), fault_plan
+        IterationConfig.from_namespace(args),
+        generator_timesteps,
+        alphas_cumprod,
+        ode_scheduler(teacher_pipe.scheduler),
+        fault_plan,
     )
     global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    stream = CaptionStream(caption_set.captions, args.seed, global_batch, args.min_timestep, args.max_timestep)
+    stream = CaptionStream(
+        caption_set.captions, args.seed, global_batch, args.min_timestep, args.max_timestep, len(generator_timesteps)
+    )
     latent_side = teacher_facts["native_resolution"] // one_step.vae_scale_factor
     batches = StepBatches(
         stream,
@@ -554,7 +581,9 @@ def build_networks(args, device, weight_dtype):
         **({} if needs_text_encoder(args) else {"text_encoder": None}),
     )
     one_step = SIMOneStepPipeline.from_teacher(
-        teacher_pipe, conditioning_timestep=args.conditioning_timestep, max_sequence_length=args.max_sequence_length
+        teacher_pipe,
+        max_sequence_length=args.max_sequence_length,
+        generator_timesteps=resolve_generator_timesteps(args, teacher_pipe.scheduler),
     )
     generator = cast_trainable_to_fp32(one_step.transformer.requires_grad_(True)).train()
     networks = ScoreNetworks.build(
@@ -607,6 +636,29 @@ def build_training_models(args, accelerator, generator, networks):
         )
         ema.to(accelerator.device)
     return TrainingModels(generator_ddp, networks, fake_ddp, opt_g, sched_g, opt_f, sched_f, ema)
+
+
+def load_teacher_scheduler(args):
+    """The teacher's noise schedule alone (a small config file), for what needs it before any model loads."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
+
+
+def resolve_generator_timesteps(args, teacher_scheduler) -> list[int]:
+    """The generator's timesteps: --generator_timesteps, else t* (--conditioning_timestep, default VE sigma 2.5) and
+    `default_generator_timesteps` for --num_generator_steps calls."""
+    from sim_diffusers.generator import default_generator_timesteps
+    from sim_diffusers.schedule import DEFAULT_SIGMA_INIT, alphas_cumprod_of, timestep_for_ve_sigma
+
+    if args.generator_timesteps:
+        return list(args.generator_timesteps)
+    t_star = args.conditioning_timestep
+    if t_star is None:
+        t_star = timestep_for_ve_sigma(alphas_cumprod_of(teacher_scheduler), DEFAULT_SIGMA_INIT)
+    return default_generator_timesteps(t_star, args.num_generator_steps)
 
 
 def stop_on_nonfinite_steps(accelerator, output_dir, state) -> int:
@@ -673,8 +725,8 @@ def save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, outpu
         vae=vae,
         transformer=final.float(),
         scheduler=one_step.scheduler,
-        conditioning_timestep=one_step.conditioning_timestep,
         max_sequence_length=args.max_sequence_length,
+        generator_timesteps=one_step.generator_timesteps,
     )
 
     def add_teacher_text_encoder(folder):

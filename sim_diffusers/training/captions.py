@@ -169,9 +169,14 @@ class SampleRandomness:
     fake_noise: torch.Tensor  # (B, C, h, w) eps of that update's x_t
     generator_timesteps: torch.Tensor  # (B,) t for the generator update
     generator_noise: torch.Tensor  # (B, C, h, w) eps of the generator update's x_t
+    # A K-step generator only (K > 1): which of its K calls the sample trains (0-based; backward simulation runs the
+    # calls before it without gradients), and the fresh noise of its calls 2 .. K
+    generator_step: torch.Tensor | None = None  # (B,) in [0, K)
+    fresh_noise: torch.Tensor | None = None  # (B, K - 1, C, h, w)
 
     def to(self, device) -> SampleRandomness:
-        return SampleRandomness(*(getattr(self, f.name).to(device) for f in fields(self)))
+        values = (getattr(self, f.name) for f in fields(self))
+        return SampleRandomness(*(None if v is None else v.to(device) for v in values))
 
 
 class CaptionStream:
@@ -182,11 +187,14 @@ class CaptionStream:
     global batch, so one process with batch 4 and two with batch 2 see the same samples.
     """
 
-    def __init__(self, captions: list[str], seed: int, global_batch_size: int, t_min: int, t_max: int):
+    def __init__(
+        self, captions: list[str], seed: int, global_batch_size: int, t_min: int, t_max: int, generator_steps: int = 1
+    ):
         self.captions = captions
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.t_min, self.t_max = t_min, t_max
+        self.generator_steps = generator_steps
         self._permutations: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -221,4 +229,9 @@ class CaptionStream:
         fake_noise = torch.randn(latent_shape, generator=g)
         gen_t = torch.randint(self.t_min, self.t_max + 1, (), generator=g)
         gen_noise = torch.randn(latent_shape, generator=g)
-        return noise, fake_t, fake_noise, gen_t, gen_noise
+        if self.generator_steps == 1:  # the one-step generator's draws, unchanged
+            return noise, fake_t, fake_noise, gen_t, gen_noise
+        # Drawn after the others, so that the draws above are the same whatever the number of generator steps
+        generator_step = torch.randint(0, self.generator_steps, (), generator=g)
+        fresh_noise = torch.randn((self.generator_steps - 1, *latent_shape), generator=g)
+        return noise, fake_t, fake_noise, gen_t, gen_noise, generator_step, fresh_noise

@@ -163,6 +163,34 @@ def resolve_resume(args) -> Path | None:
     return path
 
 
+def check_generator_steps(args) -> None:
+    """--num_generator_steps and --generator_timesteps (against the teacher's schedule length, read from its scheduler
+    config): at least one call, as many timesteps as calls, strictly decreasing, inside the schedule, starting at
+    --conditioning_timestep when both are given."""
+    from ..generator import check_generator_timesteps
+
+    steps, timesteps = args.num_generator_steps, args.generator_timesteps
+    if steps < 1:
+        raise UserInputError(f"--num_generator_steps must be >= 1, got {steps}.")
+    if timesteps is None:
+        return
+    if len(timesteps) != steps:
+        raise UserInputError(
+            f"--generator_timesteps gives {len(timesteps)} timesteps for --num_generator_steps {steps}."
+        )
+    config_path = _teacher_file(args, "scheduler/scheduler_config.json")
+    num_train_timesteps = _read_json(config_path).get("num_train_timesteps", 1000) if config_path.is_file() else 1000
+    try:
+        check_generator_timesteps(timesteps, num_train_timesteps)
+    except ValueError as err:
+        raise UserInputError(f"--generator_timesteps: {err}") from None
+    if args.conditioning_timestep is not None and timesteps[0] != args.conditioning_timestep:
+        raise UserInputError(
+            f"--generator_timesteps must start at --conditioning_timestep {args.conditioning_timestep}, "
+            f"got {timesteps}."
+        )
+
+
 def validate(args) -> tuple[CaptionSet, dict, Path | None]:
     """All early checks; returns the captions, teacher facts and the checkpoint to resume from."""
     check_arguments(args)
@@ -173,4 +201,5 @@ def validate(args) -> tuple[CaptionSet, dict, Path | None]:
             args.dataset_name, args.dataset_config_name, args.caption_column, cache_dir=args.cache_dir
         )
     teacher = check_teacher(args)
+    check_generator_steps(args)
     return captions, teacher, resolve_resume(args)

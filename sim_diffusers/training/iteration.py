@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..generator import one_step_generate
+from ..generator import backward_simulation, one_step_generate
 from ..losses import (
     DEFAULT_WEIGHTING,
     REFERENCE_NUM_ELEMENTS,
@@ -234,9 +234,17 @@ class SIMIteration:
     """`iteration(step, models, micro_batches, ops)` runs one training iteration (module docstring) and returns an
     `IterationResult`. The phase (regression warm-up or SIM) follows from the step, so a resumed run picks it up."""
 
-    def __init__(self, config: IterationConfig, t_star: int, alphas_cumprod: torch.Tensor, ode_scheduler, hooks=None):
+    def __init__(
+        self, config: IterationConfig, generator_timesteps, alphas_cumprod: torch.Tensor, ode_scheduler, hooks=None
+    ):
+        """generator_timesteps: t* of the one-step generator (an int), or the K decreasing timesteps of a K-step
+        generator (`sim_diffusers.generator.few_step_generate`)."""
         self.config = config
-        self.t_star = t_star
+        self.generator_timesteps = (
+            [int(generator_timesteps)]
+            if isinstance(generator_timesteps, int)
+            else [int(t) for t in generator_timesteps]
+        )
         self.alphas_cumprod = alphas_cumprod
         self.ode_scheduler = ode_scheduler
         self.hooks = hooks or IterationHooks()
@@ -295,17 +303,26 @@ class SIMIteration:
     # -- the pieces, in the order they run ---------------------------------------------------------------------------
 
     def generate(self, generator, batch: MicroBatch, with_graph: bool) -> torch.Tensor:
-        """x0 = G(z, c) of the micro-batch, with or without the generator's graph."""
-        cond = batch.conditioning
+        """x0 = G(z, c) of the micro-batch, with or without the generator's graph. A K-step generator trains by
+        backward simulation: each sample's output at the call it draws (`SampleRandomness.generator_step`), the calls
+        before it run without gradients (`sim_diffusers.generator.backward_simulation`)."""
+        cond, rnd = batch.conditioning, batch.randomness
+        embeds, mask, added = cond.prompt_embeds, cond.prompt_attention_mask, cond.added_cond_kwargs
         with torch.set_grad_enabled(with_graph):
-            return one_step_generate(
+            if len(self.generator_timesteps) == 1:
+                return one_step_generate(
+                    generator, rnd.noise, self.generator_timesteps[0], self.alphas_cumprod, embeds, mask, added
+                )
+            return backward_simulation(
                 generator,
-                batch.randomness.noise,
-                self.t_star,
+                rnd.noise,
+                self.generator_timesteps,
                 self.alphas_cumprod,
-                cond.prompt_embeds,
-                cond.prompt_attention_mask,
-                cond.added_cond_kwargs,
+                embeds,
+                mask,
+                added,
+                rnd.fresh_noise,
+                rnd.generator_step,
             )
 
     def _fake_score_update(self, models: TrainingModels, micro_batches, ops):
