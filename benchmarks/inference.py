@@ -43,6 +43,13 @@ def parse_args(input_args=None):
     parser.add_argument("--config", default="tiny", choices=configs.CONFIG_NAMES)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument(
+        "--generator_steps",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="K of the SIM pipeline's variants: 1 is the one-step generator, K > 1 a K-step one (its first K calls).",
+    )
+    parser.add_argument(
         "--teacher_steps",
         type=int,
         nargs="*",
@@ -124,6 +131,7 @@ def build_pipelines(args, device, dtype):
     from diffusers import DDPMScheduler, PixArtAlphaPipeline
 
     from sim_diffusers import SIMOneStepPipeline
+    from sim_diffusers.generator import default_generator_timesteps
 
     components = configs.inference_components(args.config, device, dtype)
     teacher = PixArtAlphaPipeline(**components)
@@ -133,6 +141,9 @@ def build_pipelines(args, device, dtype):
         vae=components["vae"],
         transformer=components["transformer"],
         scheduler=DDPMScheduler.from_config(components["scheduler"].config, clip_sample=False),
+        # K-step variants run the first K calls of the largest K's default timesteps (their cost does not depend on
+        # the timesteps)
+        generator_timesteps=default_generator_timesteps(440, max(args.generator_steps)),
     )
     if args.tiny_vae:
         tiny = configs.build_tiny_autoencoder(device, dtype)
@@ -147,12 +158,14 @@ def build_pipelines(args, device, dtype):
     return teacher, one_step
 
 
-def _call_kwargs(args, pipe, batch_size, steps, cache, side):
+def _call_kwargs(args, pipe, batch_size, steps, cache, side, generator_steps=1):
     kwargs = dict(
         height=side, width=side, output_type=args.output_type, use_resolution_binning=False, clean_caption=False
     )
     if steps is not None:
         kwargs.update(num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE)
+    else:
+        kwargs.update(num_inference_steps=generator_steps)
     if cache is None:
         kwargs["prompt"] = [PROMPT] * batch_size
     else:
@@ -255,19 +268,22 @@ def main(args) -> dict:
     rows = []
     with torch.inference_mode():
         for batch_size in args.batch_sizes:
-            variants = [dict(name="sim_one_step", pipe=one_step, steps=None)]
-            variants += [dict(name="pixart_alpha", pipe=teacher, steps=s) for s in args.teacher_steps]
+            variants = [
+                dict(name="sim_one_step" if k == 1 else f"sim_{k}_steps", pipe=one_step, steps=None, k=k)
+                for k in args.generator_steps
+            ]
+            variants += [dict(name="pixart_alpha", pipe=teacher, steps=s, k=None) for s in args.teacher_steps]
             for v in variants:
-                v["kwargs"] = _call_kwargs(args, v["pipe"], batch_size, v["steps"], cache, side)
+                v["kwargs"] = _call_kwargs(args, v["pipe"], batch_size, v["steps"], cache, side, v["k"] or 1)
             for v, r in zip(variants, measure(args, variants, device, timer)):
                 steps = v["steps"]
                 r.update(
                     pipeline=v["name"],
-                    steps=steps or 1,
+                    steps=steps or v["k"],
                     guidance_scale=None if steps is None else GUIDANCE_SCALE,
                     batch_size=batch_size,
                     images_per_s=batch_size / (r["latency_ms"] / 1e3),
-                    transformer_flops=(steps or 1) * forward * batch_size * (1 if steps is None else 2),
+                    transformer_flops=(steps or v["k"]) * forward * batch_size * (1 if steps is None else 2),
                 )
                 rows.append(r)
                 print(
@@ -281,9 +297,10 @@ def main(args) -> dict:
     # One-step vs guided-teacher latency ratios at the same batch size.
     ratios = {}
     for r in rows:
-        if r["pipeline"] == "pixart_alpha":
+        if r["pipeline"] != "sim_one_step":
             base = next(x for x in rows if x["pipeline"] == "sim_one_step" and x["batch_size"] == r["batch_size"])
-            ratios[f"pixart_{r['steps']}_steps_over_one_step_batch_{r['batch_size']}"] = {
+            name = f"pixart_{r['steps']}_steps" if r["pipeline"] == "pixart_alpha" else r["pipeline"]
+            ratios[f"{name}_over_one_step_batch_{r['batch_size']}"] = {
                 # per run (the two calls ran back to back), median over runs
                 "end_to_end": statistics.median(a / b for a, b in zip(r["latency_ms_runs"], base["latency_ms_runs"])),
                 "transformer_only": r["breakdown_ms"]["transformer"] / base["breakdown_ms"]["transformer"],
