@@ -178,6 +178,8 @@ def test_trainer_trains_and_saves_a_two_step_generator(tiny_teacher_path, tmp_pa
     pipe = SIMOneStepPipeline.from_pretrained(tmp_path / "k2")
     assert pipe.generator_timesteps == [440, 220]
     assert json.loads((tmp_path / "k2" / "model_index.json").read_text())["generator_timesteps"] == [440, 220]
+    card = (tmp_path / "k2" / "README.md").read_text()
+    assert "**2-step**" in card and "num_inference_steps=1 .. 2" in card
     run_trainer(tiny_teacher_path, captions, tmp_path / "k1", *args)
     from conftest import component_weights
 

@@ -524,7 +524,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan)
-        write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"])
+        write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"], generator_timesteps)
         if args.push_to_hub:
             push(args, output_dir)
     accelerator.end_training()
@@ -739,7 +739,7 @@ def save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, outpu
     vae.to(vae_dtype)
 
 
-def write_model_card(args, output_dir, t_star, steps, teacher_family):
+def write_model_card(args, output_dir, t_star, steps, teacher_family, generator_timesteps=None):
     from sim_diffusers.training.hub import render_model_card
 
     grid = output_dir / "validation" / "latest.png"
@@ -750,6 +750,7 @@ def write_model_card(args, output_dir, t_star, steps, teacher_family):
         base_model=None if Path(args.pretrained_model_name_or_path).exists() else args.pretrained_model_name_or_path,
         repo_id=args.hub_model_id,
         conditioning_timestep=t_star,
+        generator_timesteps=generator_timesteps,
         teacher_family=teacher_family,
         settings={**vars(args), "trained_steps": steps},
         validation_image="validation/latest.png" if grid.exists() else None,

@@ -64,6 +64,7 @@ def render_model_card(
     validation_prompts: list[str] | None,
     use_ema: bool,
     license: str = "openrail++",
+    generator_timesteps: list[int] | None = None,
 ) -> Path:
     """Write output_dir/README.md from the template: YAML metadata, loading code, training settings, samples.
 
@@ -97,6 +98,8 @@ def render_model_card(
         teacher=settings.get("pretrained_model_name_or_path"),
         teacher_family=family.name,
         conditioning_timestep=conditioning_timestep,
+        generator_timesteps=generator_timesteps or [conditioning_timestep],
+        num_steps=len(generator_timesteps or [conditioning_timestep]),
         example_prompt=(validation_prompts or ["A small cactus with a happy face in the Sahara desert."])[0],
         validation_section=validation,
         settings_table=rows,
