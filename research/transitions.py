@@ -86,6 +86,14 @@ def parse_args(input_args=None):
     parser.add_argument("--circle_points", type=int, default=512, help="Evenly spaced points on each circle.")
     parser.add_argument("--chunk", type=int, default=2048, help="Points per forward pass.")
     parser.add_argument("--out", default=None, help="Also write the rows as JSON here.")
+    parser.add_argument(
+        "--generator_timesteps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="The generators' K timesteps (default: a pipeline folder's own, else one step at t*). A K-step map is "
+        "measured with the fresh noise of its calls 2 .. K fixed per caption.",
+    )
     add_world_and_teacher_args(parser)
     args = parser.parse_args(input_args)
     if args.spacing <= 0 or args.half_length < args.spacing or args.max_lines < 1:
@@ -95,6 +103,14 @@ def parse_args(input_args=None):
     if any(steps < 1 for steps in args.teacher_steps):
         parser.error("--teacher_steps must be >= 1.")
     return args
+
+
+def generator_timesteps_of(path: Path) -> list[int] | None:
+    """The timesteps a pipeline folder saved (model_index.json next to its transformer), or None."""
+    index = path.parent / "model_index.json"
+    if path.name == "transformer" and index.is_file():
+        return json.loads(index.read_text()).get("generator_timesteps")
+    return None
 
 
 def block_patterns(world, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +200,7 @@ def summarise(results) -> dict:
 def main(args) -> dict:
     from diffusers import PixArtAlphaPipeline
 
-    from sim_diffusers.generator import one_step_generate, predict_eps
+    from sim_diffusers.generator import few_step_generate, one_step_generate, predict_eps
     from sim_diffusers.ground_truth import encode_world_captions, load_or_build_teacher
     from sim_diffusers.pipelines.pipeline_sim_one_step import SIMOneStepPipeline
     from sim_diffusers.sampling import dpm_solver_sample
@@ -206,6 +222,20 @@ def main(args) -> dict:
     def one_step_map(model, caption_idx):
         return lambda z: one_step_generate(model, z, t_star, alphas_cumprod, *condition(caption_idx, len(z)))
 
+    def few_step_map(model, caption_idx, timesteps):
+        """z -> x0 of a K-step generator with the fresh noise of calls 2 .. K fixed (one draw per caption, the same
+        for every z): a deterministic map of z, whose bands can be measured as the one-step generator's."""
+        g = torch.Generator().manual_seed(EVALUATION_SEED + 100 + caption_idx)
+        fresh = [torch.randn((1, *world.latent_shape), generator=g) for _ in timesteps[1:]]
+
+        def sample(z):
+            noise = [eps.expand(len(z), -1, -1, -1) for eps in fresh]
+            return few_step_generate(
+                model, z, timesteps, alphas_cumprod, *condition(caption_idx, len(z)), fresh_noise=noise
+            )
+
+        return sample
+
     def teacher_map(steps, caption_idx):
         def sample(z):
             cond = condition(caption_idx, len(z))
@@ -220,7 +250,11 @@ def main(args) -> dict:
         samplers["untrained one-step generator"] = lambda c: one_step_map(teacher.transformer, c)
     for name, path in zip(args.generators, paths):
         model = load_generator(path, teacher.transformer).requires_grad_(False).eval()
-        samplers[name] = lambda c, model=model: one_step_map(model, c)
+        timesteps = args.generator_timesteps or generator_timesteps_of(path) or [t_star]
+        if len(timesteps) == 1:
+            samplers[name] = lambda c, model=model: one_step_map(model, c)
+        else:
+            samplers[name] = lambda c, model=model, ts=timesteps: few_step_map(model, c, ts)
 
     rows = {}
     for name, make_map in samplers.items():

@@ -220,3 +220,10 @@ def test_transitions_script_measures_bands_and_crossings_and_loads_deeper_weight
         assert row["band_fraction"] <= row["circle_off_mode"]  # band points are some of the off-mode points
         if row["num_lines"]:
             assert row["median_max_slope"] > 0 and 0.0 <= row["censored"] <= 1.0
+    # A K-step pipeline folder is measured as a K-step map (its own timesteps), unlike the one-step generator.
+    from sim_diffusers import SIMOneStepPipeline
+
+    two_step = tmp_path / "two_step"
+    SIMOneStepPipeline.from_teacher(path, generator_timesteps=[440, 220]).save_pretrained(two_step)
+    rows = transitions.main(transitions.parse_args([str(two_step), "--untrained", "--teacher_steps", "2", *common]))
+    assert rows[str(two_step)] != pytest.approx(rows["untrained one-step generator"], nan_ok=True)
