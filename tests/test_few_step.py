@@ -186,3 +186,33 @@ def test_trainer_trains_and_saves_a_two_step_generator(tiny_teacher_path, tmp_pa
     teacher = component_weights(tiny_teacher_path)
     k1, k2 = component_weights(tmp_path / "k1"), component_weights(tmp_path / "k2")
     assert max_difference(k2, teacher) > 1e-4 and max_difference(k1, k2) > 1e-6  # backward simulation trained
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num_generator_steps", "0"], "--num_generator_steps must be >= 1"),
+        (["--generator_timesteps", "440", "500"], "strictly decreasing"),
+        (["--generator_timesteps", "440", "220", "--num_generator_steps", "3"], "gives 2 timesteps"),
+        (["--generator_timesteps", "1200", "300"], "must lie in [1, 999]"),
+        (["--generator_timesteps", "440", "220", "--conditioning_timestep", "400"], "must start at"),
+    ],
+)
+def test_bad_generator_steps_fail_before_any_model_loads(tiny_teacher_path, tmp_path, capsys, argv, message):
+    from conftest import load_trainer_module
+
+    trainer = load_trainer_module()
+    captions = write_captions(tmp_path / "captions.txt", ["a red cat"])
+    args = trainer.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(tiny_teacher_path),
+            "--caption_file",
+            str(captions),
+            "--dry_run",
+            *argv,
+        ]
+    )
+    assert trainer.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
