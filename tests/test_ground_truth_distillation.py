@@ -47,8 +47,13 @@ def test_sim_distillation_sharpens_the_one_step_generator_on_the_quick_world(tmp
         "--seed",
         "0",
         "--regression_warmup_steps",
-        "0",
-    ]  # SIM from the first step: this test guards the SIM iteration
+        "0",  # SIM from the first step: this test guards the SIM iteration
+        # The quick world has D = 64 latent elements, where the latent-size normalisation scales the regression term
+        # by sqrt(64 / 256) = 0.5 (the balance the defaults have at 4x8x8); this run was calibrated with the term at
+        # full strength, and weight 2 x 0.5 reproduces it exactly (at weight 1 it keeps 3 of the 4 modes).
+        "--regression_loss_weight",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
