@@ -395,9 +395,16 @@ def main(args):
         return 2
     if args.dry_run:
         from sim_diffusers.training.hub import public_arguments
+        from sim_diffusers.training.memory import format_plan, memory_plan, plan_report, run_spec_from_arguments
 
+        # The memory plan per GPU (architecture from the teacher's configs, world size from the launcher): JSON on
+        # stdout with the rest, and for a person on stderr. Under a launcher only the first process prints.
+        plan = memory_plan(run_spec_from_arguments(args))
         facts = {"num_captions": len(caption_set.captions), "resume": str(resume_path), **teacher_facts}
-        print(json.dumps({**public_arguments(vars(args)), **facts}, indent=2))
+        facts["memory_plan"] = plan_report(plan, args.gpu_memory_gb)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_plan(plan, args.gpu_memory_gb), file=sys.stderr)
+            print(json.dumps({**public_arguments(vars(args)), **facts}, indent=2))
         return 0
     try:
         return train(args, caption_set, teacher_facts, resume_path)

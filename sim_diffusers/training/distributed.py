@@ -28,8 +28,8 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from .models import LORA_ADAPTER, Sharding, is_sharded, unsharded_class
+from .models import SHARDED_OPTIMIZER_DIR as OPTIMIZER_DIR
 
-OPTIMIZER_DIR = "optimizers"
 OPTIMIZER_STATE = "state.json"  # param groups and schedules of both optimisers
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' single-file weights
 

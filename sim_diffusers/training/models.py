@@ -29,6 +29,9 @@ SHARDING_STRATEGIES = {
     "processes; the frozen teacher whole on each (with a LoRA fake score the teacher is F's module: split too)",
     "fsdp_teacher": "as fsdp, and the frozen teacher split as well",
 }
+# Where a checkpoint written under FSDP2 keeps its optimiser states (training.distributed); without sharding they are
+# Accelerate's optimizer*.bin.
+SHARDED_OPTIMIZER_DIR = "optimizers"
 
 
 def _tuner_layers(model):
