@@ -173,7 +173,7 @@ def check_distribution(args, resume_path: Path | None) -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
         raise UserInputError(
             "Accelerate's FSDP plugin (distributed_type: FSDP) is not used by this trainer; launch with a multi-GPU "
-            "config and pass --sharding fsdp (examples/accelerate_configs/fsdp_8_gpus.yaml)."
+            "config and pass --sharding fsdp (examples/accelerate_configs/8_gpus.yaml)."
         )
     if args.sharding != "none":
         world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun

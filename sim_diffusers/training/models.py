@@ -53,8 +53,7 @@ class ScoreNetworks:
         self.fake_score = fake_score
         self.lora = lora
         self._adapters_on, self._fake_trainable = True, True
-        self._sharded_fake_parameters = []  # see `mark_sharded`
-        self.teacher_sharded = False  # then every teacher forward is a collective: all processes must make it
+        self.teacher_sharded = False  # FSDP2: every teacher forward is then a collective that all processes make
 
     @classmethod
     def build(
@@ -85,18 +84,11 @@ class ScoreNetworks:
         return cls(teacher, teacher, lora=True)
 
     def fake_score_parameters(self):
-        """F's trainable parameters as the module holds them now (under FSDP2: sharded at rest, unsharded while a
-        block runs)."""
+        """F's trainable parameters as the module holds them now. Under FSDP2 (`Sharding.apply`) these are its shards
+        between calls, and FSDP2 copies their requires_grad to the gathered weights each time it gathers a block, so
+        freezing them here freezes F; inside a checkpointed block's recomputation they are the gathered weights,
+        frozen and unfrozen again around it."""
         return [p for n, p in self.fake_score.named_parameters() if (not self.lora or "lora_" in n)]
-
-    def mark_sharded(self, teacher: bool) -> None:
-        """After FSDP2 has sharded F (and, if `teacher`, the teacher): remember F's sharded parameters. FSDP2 swaps
-        the module's parameters between these and unsharded ones while a block runs, and copies requires_grad from
-        the sharded to the unsharded ones at each unshard; a freeze that reached only the parameters registered at
-        that moment (the unsharded ones, when activation checkpointing recomputes a block in the backward) would
-        be undone at the next unshard. So F is frozen and unfrozen in both sets."""
-        self._sharded_fake_parameters = self.fake_score_parameters()
-        self.teacher_sharded = teacher
 
     # The switchable state of the shared modules: (LoRA adapters on, F's parameters trainable). Activation
     # checkpointing recomputes a block during backward, after the context that set this state has exited; the
@@ -118,7 +110,7 @@ class ScoreNetworks:
             for layer in _tuner_layers(self.teacher):
                 layer.enable_adapters(adapters_on)  # peft also flips the adapters' requires_grad here
         if fake_trainable != self._fake_trainable or self.lora:
-            for p in {id(p): p for p in self.fake_score_parameters() + self._sharded_fake_parameters}.values():
+            for p in self.fake_score_parameters():
                 p.requires_grad_(fake_trainable)
         self._adapters_on, self._fake_trainable = adapters_on, fake_trainable
 
@@ -197,10 +189,13 @@ class Sharding:
 
     def apply(self, module) -> None:
         """fully_shard each transformer block, then the root (patch and caption embeddings, adaLN-single, output
-        layer). Every unit gives its weights back after each forward, the root too (FSDP2 would keep the root's
-        gathered after a forward): so between calls every network holds only its shards, and the parameters that
-        the optimiser, the EMA and the checkpoints see are always the sharded ones. The root is small (its weights
-        are gathered once more for the backward)."""
+        layer). Every unit frees its gathered weights after each forward, the root too (FSDP2 would keep the root's
+        gathered until the backward, and after a no-grad forward until the next one): so between calls a network
+        holds only its shards, the parameters that the optimiser, the EMA, the checkpoints and
+        ScoreNetworks' freezing see are always the sharded ones, and no forward reuses a gathered copy older than an
+        optimiser step (a root keeping its gathered weights would show the EMA and validation a mix of shards and
+        plain tensors, and they fail on it). The root is small; its weights are gathered once more for the
+        backward."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
@@ -233,7 +228,7 @@ def place_networks(
     if sharding is not None:
         for module in sharding.networks(generator, networks):
             sharding.apply(module)
-        networks.mark_sharded(teacher=is_sharded(networks.teacher))
+        networks.teacher_sharded = is_sharded(networks.teacher)
 
 
 def is_sharded(module) -> bool:
