@@ -23,9 +23,11 @@ fraction of the change (tests/test_trainer.py: a different batch split differs b
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,12 +38,14 @@ from conftest import (
     TRAINER_TIMEOUT_S,
     component_weights,
     describe,
+    load_trainer_module,
     max_difference,
     write_captions,
 )
 from safetensors.torch import load_file
 
 from sim_diffusers import SIMOneStepPipeline
+from sim_diffusers.training.checkpointing import COMPLETE_MARKER
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs"
 CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a house by the lake", "a small boat on the river"]
@@ -306,3 +310,74 @@ def test_every_accelerate_config_is_launched_by_a_test(reference, ddp, fsdp, two
         header = [line for line in path.read_text().splitlines() if line.startswith("#")]
         assert any("accelerate launch --config_file" in line for line in header), path.name
         assert any("Verified (tests/test_fsdp.py" in line for line in header), path.name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad combinations: one line, exit 2, before any model loads (in-process, no launch)
+
+BAD_COMBINATIONS = [
+    (
+        "unknown sharding",
+        {},
+        ["--sharding", "zero3"],
+        r"Unknown --sharding 'zero3'; choose one of none, fsdp, fsdp_teacher\.",
+    ),
+    (
+        "fsdp in one process",
+        {},
+        ["--sharding", "fsdp"],
+        r"--sharding fsdp splits the networks over processes, but this run has 1;",
+    ),
+    ("gpu memory zero", {}, ["--gpu_memory_gb", "0"], r"--gpu_memory_gb must be > 0, got 0\.0\."),
+    ("gpu memory negative", {}, ["--gpu_memory_gb", "-80"], r"--gpu_memory_gb must be > 0, got -80\.0\."),
+    ("accelerate's fsdp plugin", {"ACCELERATE_USE_FSDP": "true"}, [], r"Accelerate's FSDP plugin .* --sharding fsdp"),
+    ("fsdp with fp16", {"WORLD_SIZE": "2"}, ["--sharding", "fsdp", "--mixed_precision", "fp16"], r"not fp16"),
+    (
+        "fsdp without clipping",
+        {"WORLD_SIZE": "2"},
+        ["--sharding", "fsdp", "--max_grad_norm", "0"],
+        r"needs --max_grad_norm > 0",
+    ),
+    (
+        "a ddp checkpoint resumed with fsdp",
+        {"WORLD_SIZE": "2"},
+        ["--sharding", "fsdp", "--resume_from_checkpoint", "latest"],
+        r"checkpoint-2 was written with --sharding none; resume it with the same kind of --sharding",
+    ),
+    (
+        "an fsdp checkpoint resumed without",
+        {},
+        ["--resume_from_checkpoint", "latest", "sharded"],
+        r"checkpoint-2 was written with FSDP2 \(--sharding fsdp or fsdp_teacher\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "env, extra, pattern", [r[1:] for r in BAD_COMBINATIONS], ids=[r[0] for r in BAD_COMBINATIONS]
+)
+def test_fsdp_bad_combinations_fail_before_any_model_loads(
+    env, extra, pattern, tiny_teacher_path, tmp_path, capsys, monkeypatch
+):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out, resuming = tmp_path / "out", "--resume_from_checkpoint" in extra
+    if resuming:  # a complete checkpoint of the other kind
+        checkpoint = out / "checkpoint-2"
+        (checkpoint / ("optimizers" if "sharded" in extra else "generator")).mkdir(parents=True)
+        (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 2}))
+        extra = [e for e in extra if e != "sharded"]
+    captions = write_captions(tmp_path / "captions.txt", CAPTIONS)
+    trainer = load_trainer_module("train_sim_pixart_fsdp_checks")
+    argv = ["--pretrained_model_name_or_path", str(tiny_teacher_path), "--caption_file", str(captions)]
+    argv += ["--output_dir", str(out), "--report_to", "none", *extra]
+    tic = time.perf_counter()
+    code = trainer.main(trainer.parse_args(argv))
+    seconds = time.perf_counter() - tic
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert re.search(pattern, captured.err), captured.err
+    assert seconds < 5, f"validation took {seconds:.1f} s"
+    # Nothing written before the inputs are known to be good (the resume cases' checkpoint was there before).
+    assert (sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]) if resuming else not out.exists()
