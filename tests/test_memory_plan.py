@@ -10,6 +10,7 @@ is in fact within a fraction of a percent (the assertion messages show the ratio
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,11 @@ def test_dry_run_prints_the_memory_plan(trainer, tiny_teacher_path, tmp_path, ca
     report = json.loads(out)["memory_plan"]
     assert code == 0 and not report["fits"] and report["suggestion"] and "does NOT fit" in err
     assert "2 processes, sharding fsdp" in report["configuration"]
+
+
+def test_the_xl_table_in_the_docs_is_what_the_plan_prints():
+    from benchmarks import memory_plan as table_script
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    for line in table_script.table(world_size=8, gpu_memory_gb=80).splitlines():
+        assert line in docs, line
