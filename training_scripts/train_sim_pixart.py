@@ -377,8 +377,8 @@ def _distribution_args(parser):
         "--gpu_memory_gb",
         type=float,
         default=80.0,
-        help="Memory of one GPU in GB (10^9 bytes): --dry_run's memory plan says whether the run fits it and, if not, "
-        "the cheapest change that does.",
+        help="Memory of one GPU as cards are sold (80 for an 80 GB A100 or H100, 141 for an H200; read as GiB): "
+        "--dry_run's memory plan says whether the run fits it and, if not, the cheapest change that does.",
     )
 
 
