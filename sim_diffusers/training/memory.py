@@ -618,10 +618,11 @@ def cheapest_fit(spec: RunSpec, gpu_memory_gb: float) -> tuple[list[str], Plan] 
         if plan.fits(gpu_memory_gb):
             return applied, plan
     while current.batch_size > 1:
+        # Half the batch per GPU, twice the micro-batches: the same global batch (one sample less for an odd batch).
         current = replace(
             current,
             batch_size=current.batch_size // 2,
-            gradient_accumulation_steps=current.gradient_accumulation_steps * 2 * (current.batch_size % 2 + 1) // 2,
+            gradient_accumulation_steps=current.gradient_accumulation_steps * 2,
         )
         plan = memory_plan(current)
         if plan.fits(gpu_memory_gb):
