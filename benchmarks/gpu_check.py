@@ -56,6 +56,27 @@ GPU_JOBS = [
         110,
     ),
     (
+        # The memory plan's check (issue 21): full iterations only, so that max_memory_allocated is the iteration's.
+        "memory_xl-1024_b2",
+        "train_step.py",
+        [
+            "--config",
+            "xl-1024",
+            "--precision",
+            "bf16",
+            "--batch_size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--iteration_only",
+            "--phases",
+            "sim",
+        ],
+        70,
+    ),
+    (
         "train_xl-1024",
         "train_step.py",
         ["--config", "xl-1024", "--precision", "bf16", "--batch_size", "1", "--steps", "3", "--warmup", "1"],
@@ -274,7 +295,7 @@ def markdown(results: dict, header: str) -> str:
     ]
     for name, entry in results.items():
         r = entry.get("result")
-        if not name.startswith("train"):
+        if not name.startswith(("train", "memory")):
             continue
         if r is None:
             lines.append(f"| {name} | | {entry['status']} | | | | | | |")
@@ -311,6 +332,28 @@ def markdown(results: dict, header: str) -> str:
                 lines.append(f"| {a[0]} | {left} | | {b[0]} | {right} |")
         for k, v in r["ablations_ms"].items():
             lines.append(f"| ablation: {k} | {v:.1f} | | | |")
+    lines += [
+        "",
+        "### Memory plan against the measurement (sim_diffusers.training.memory; peaks comparable for iteration-only "
+        "jobs)",
+        "",
+        "| job | plan peak (moment) | measured peak | plan / measured | activations plan / measured | static |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for name, entry in results.items():
+        r = entry.get("result")
+        if not (name.startswith(("train", "memory")) and r and "plan" in r["memory"]):
+            continue
+        plan, mem = r["memory"]["plan"], r["memory"]
+        measured = _mib(mem["peak_allocated_bytes"]) if "peak_allocated_bytes" in mem else "n/a (CPU)"
+        ratio = f"{plan['peak_ratio']:.3f}" if "peak_ratio" in plan else "-"
+        if not r["args"]["iteration_only"]:
+            ratio += " (isolated passes too)"
+        static = "exact" if plan["static_exact"] else f"x{plan['static_ratio']:.3f}"
+        lines.append(
+            f"| {name} | {_mib(plan['plan_peak_bytes'])} ({plan['plan_peak_moment']}) | {measured} | {ratio} | "
+            f"{plan['activation_ratio']:.3f} | {static} |"
+        )
     lines += [
         "",
         "### Inference",

@@ -31,7 +31,9 @@ the NaN/Inf check over every gradient instead of reading it off the clipping nor
 Memory: on CUDA, torch.cuda.max_memory_allocated over the timed rounds. On CPU, the process's peak resident set size
 (ru_maxrss) and its rise over the resident size right after the networks are built. Exact byte counts of parameters,
 gradients, optimiser states and EMA come from the tensors themselves, and the bytes autograd holds at the iteration's
-peak (the generator's graph plus the generator loss's, just before its backward) from saved-tensor hooks.
+peak (the generator's graph plus the generator loss's, just before its backward) from saved-tensor hooks. Next to
+them, the trainer's memory plan for the same configuration (sim_diffusers.training.memory) and its ratio to each
+measurement ("plan" in the JSON; the GPU check tabulates them).
 """
 
 from __future__ import annotations
@@ -564,6 +566,66 @@ def static_memory(s: Setup) -> dict:
     return out
 
 
+def memory_plan_of(s: Setup):
+    """The trainer's memory plan (sim_diffusers.training.memory) for this benchmark's configuration: one process,
+    no T5 or VAE in memory, the networks and settings built here."""
+    from sim_diffusers.training.memory import Architecture, RunSpec, memory_plan
+
+    args, config = s.args, s.iteration.config
+    spec = RunSpec(
+        architecture=Architecture.from_config(dict(s.networks.teacher.config)),
+        batch_size=args.batch_size,
+        mixed_precision="bf16" if args.precision == "bf16" else "no",
+        gradient_checkpointing=args.gradient_checkpointing,
+        fake_score_lora_rank=args.lora_rank,
+        text_tokens=configs.TEXT_TOKENS,
+        use_ema=not args.no_ema,
+        guidance_scale=config.guidance_scale,
+        divergence_needs_input_grad=s.iteration.divergence.needs_input_grad,
+        regression_every=config.regression_every if config.regression_loss_weight > 0 else 0,
+        device_type=s.device.type,
+    )
+    return memory_plan(spec)
+
+
+def planned_static(plan) -> dict:
+    """The plan's static bytes under the names `static_memory` measures them by (world size 1: nothing sharded)."""
+    by_prefix = {k.split(" (")[0]: v for k, v in plan.static.items()}
+    return {
+        "generator_parameters": by_prefix["generator parameters"],
+        "generator_gradients": plan.gradients["generator"],
+        "generator_optimizer_states": by_prefix["generator optimiser states"],
+        "ema": by_prefix.get("generator EMA", 0),
+        "fake_score_trainable_parameters": by_prefix["fake score parameters"],
+        "fake_score_gradients": plan.gradients["fake score"],
+        "fake_score_optimizer_states": by_prefix["fake score optimiser states"],
+        "teacher_parameters": by_prefix["teacher parameters"],
+    }
+
+
+def compare_with_plan(s: Setup, memory: dict) -> dict:
+    """The memory plan next to what was measured: static bytes (exact counts), activations at the generator step
+    (saved-tensor bytes, without the block a checkpointed backward recomputes, which no hook sees at that moment),
+    and on CUDA the peak (max_memory_allocated)."""
+    plan = memory_plan_of(s)
+    static = planned_static(plan)
+    measured_static = {k: v for k, v in memory["static_bytes"].items() if isinstance(v, int) and k != "total"}
+    activations = sum(v for k, v in plan.activations.items() if k != "recomputed block")
+    out = {
+        "plan_peak_bytes": plan.peak,
+        "plan_peak_moment": plan.peak_moment,
+        "plan_moments_bytes": plan.moments,
+        "plan_static_bytes": static,
+        "static_ratio": sum(static.values()) / sum(measured_static.values()),
+        "static_exact": static == measured_static,
+        "plan_activation_bytes": activations,
+        "activation_ratio": activations / memory["saved_for_backward_bytes_at_peak"],
+    }
+    if "peak_allocated_bytes" in memory:
+        out["peak_ratio"] = plan.peak / memory["peak_allocated_bytes"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -662,6 +724,7 @@ def main(args) -> dict:
             "CPU: ru_maxrss (process high-water mark); its rise over the RSS after building the networks "
             "estimates gradients + optimiser states + EMA + activations"
         )
+    memory["plan"] = compare_with_plan(s, memory)
 
     teacher = s.networks.teacher
     lora_parameters = configs.count_parameters(teacher, True) if s.networks.lora else 0
@@ -738,6 +801,13 @@ def print_report(r: dict) -> None:
     print(f"saved for backward at the peak (activations, exact): {_mib(m['saved_for_backward_bytes_at_peak'])}")
     st = m["static_bytes"]
     print("static: " + ", ".join(f"{k} {_mib(v)}" for k, v in st.items() if isinstance(v, int)))
+    plan = m["plan"]
+    print(
+        f"memory plan: activations {_mib(plan['plan_activation_bytes'])} (x{plan['activation_ratio']:.3f} of "
+        f"measured), static x{plan['static_ratio']:.3f} ({'exact' if plan['static_exact'] else 'not exact'}), peak "
+        f"{_mib(plan['plan_peak_bytes'])} at the {plan['plan_peak_moment']}"
+        + (f" (x{plan['peak_ratio']:.3f} of max_memory_allocated)" if "peak_ratio" in plan else "")
+    )
 
 
 if __name__ == "__main__":

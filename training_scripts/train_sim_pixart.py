@@ -59,6 +59,7 @@ def parse_args(input_args=None):
         _regression_args,
         _network_args,
         _run_args,
+        _distribution_args,
     ):
         add_group(parser)
     args = parser.parse_args(input_args)
@@ -398,6 +399,27 @@ def _run_args(parser):
     )
 
 
+def _distribution_args(parser):
+    from sim_diffusers.training.models import SHARDING_STRATEGIES
+
+    g = parser.add_argument_group("distribution and memory (docs/training.md, Scaling out)")
+    g.add_argument(
+        "--sharding",
+        default="none",
+        help="What each process holds: "
+        + "; ".join(f"{name}: {what}" for name, what in SHARDING_STRATEGIES.items())
+        + ". FSDP2 needs several processes (accelerate launch --multi_gpu); its checkpoints are gathered "
+        "safetensors that resume on any number of processes.",
+    )
+    g.add_argument(
+        "--gpu_memory_gb",
+        type=float,
+        default=80.0,
+        help="Memory of one GPU as cards are sold (80 for an 80 GB A100 or H100, 141 for an H200; read as GiB): "
+        "--dry_run's memory plan says whether the run fits it and, if not, the cheapest change that does.",
+    )
+
+
 def main(args):
     # Heavy imports after argument parsing, so that --help and argument errors are instant.
     from sim_diffusers.training.captions import UserInputError
@@ -411,12 +433,19 @@ def main(args):
         return 2
     if args.dry_run:
         from sim_diffusers.training.hub import public_arguments
+        from sim_diffusers.training.memory import format_plan, memory_plan, plan_report, run_spec_from_arguments
 
+        # The memory plan per GPU (architecture from the teacher's configs, world size from the launcher): JSON on
+        # stdout with the rest, and for a person on stderr. Under a launcher only the first process prints.
+        plan = memory_plan(run_spec_from_arguments(args))
         facts = {"num_captions": len(caption_set.captions), "resume": str(resume_path), **teacher_facts}
         # The objective at this latent size: pseudo-Huber scales, each term's factor, the regression:divergence balance
-        objective = IterationConfig.from_namespace(args).at_latent_size(teacher_facts["latent_shape"])
+        facts["objective"] = IterationConfig.from_namespace(args).at_latent_size(teacher_facts["latent_shape"])
         facts["resolved_generator_timesteps"] = resolve_generator_timesteps(args, load_teacher_scheduler(args))
-        print(json.dumps({**public_arguments(vars(args)), **facts, "objective": objective}, indent=2))
+        facts["memory_plan"] = plan_report(plan, args.gpu_memory_gb)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_plan(plan, args.gpu_memory_gb), file=sys.stderr)
+            print(json.dumps({**public_arguments(vars(args)), **facts}, indent=2))
         return 0
     try:
         return train(args, caption_set, teacher_facts, resume_path)
@@ -522,8 +551,8 @@ def train(args, caption_set, teacher_facts, resume_path):
 
     # 7. Save the one-step pipeline (EMA weights when --use_ema), the model card, and push
     accelerator.wait_for_everyone()
+    save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan)
     if accelerator.is_main_process:
-        save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan)
         write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"], generator_timesteps)
         if args.push_to_hub:
             push(args, output_dir)
@@ -532,17 +561,19 @@ def train(args, caption_set, teacher_facts, resume_path):
 
 
 def set_up(args):
-    """Accelerate (a gloo group when several CPU processes are launched), the output folder with this run's
-    arguments, TF32, and the weight dtype of the frozen networks."""
+    """Accelerate (a gloo group when several CPU processes are launched; the sharded variant under --sharding), the
+    output folder with this run's arguments, TF32, and the weight dtype of the frozen networks."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     from sim_diffusers.training import checkpointing
+    from sim_diffusers.training.distributed import ShardedAccelerator
     from sim_diffusers.training.hub import public_arguments
 
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
+    # Sharded networks get the accelerator whose no_sync and clipping work on FSDP2 modules (and nothing to prepare).
+    accelerator = (Accelerator if args.sharding == "none" else ShardedAccelerator)(
         cpu=multi_process_without_accelerator(),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -567,9 +598,11 @@ def set_up(args):
 
 
 def build_networks(args, device, weight_dtype):
-    """(teacher pipeline, one-step pipeline whose transformer is G, ScoreNetworks of T and F), on `device`."""
+    """(teacher pipeline, one-step pipeline whose transformer is G, ScoreNetworks of T and F), on `device`, sharded
+    over the processes under --sharding."""
     from sim_diffusers import SIMOneStepPipeline
     from sim_diffusers.teachers import load_teacher_pipeline
+    from sim_diffusers.training.distributed import sharding_for
     from sim_diffusers.training.models import ScoreNetworks, cast_trainable_to_fp32, place_networks
     from sim_diffusers.training.run import needs_text_encoder
 
@@ -591,7 +624,12 @@ def build_networks(args, device, weight_dtype):
     )
     teacher_pipe.vae.requires_grad_(False).eval().to(device)
     place_networks(
-        generator, networks, device, args.gradient_checkpointing, args.enable_xformers_memory_efficient_attention
+        generator,
+        networks,
+        device,
+        args.gradient_checkpointing,
+        args.enable_xformers_memory_efficient_attention,
+        sharding=sharding_for(args.sharding, device, weight_dtype),
     )
     return teacher_pipe, one_step, networks
 
@@ -613,29 +651,44 @@ def build_text_conditioning(args, accelerator, teacher_pipe, caption_set, weight
 
 
 def build_training_models(args, accelerator, generator, networks):
-    """Optimisers and learning-rate schedules of G and F, prepared for distribution, and the EMA of G."""
+    """Optimisers and learning-rate schedules of G and F, prepared for distribution, and the EMA of G. Sharded
+    networks are not prepared (FSDP2 already distributes them) and get checkpoint hooks for their sharded state."""
     from diffusers.training_utils import EMAModel
 
+    from sim_diffusers.training.distributed import ShardedEMAModel, register_sharded_checkpoint_hooks
     from sim_diffusers.training.iteration import TrainingModels
+    from sim_diffusers.training.models import is_sharded, unsharded_class
     from sim_diffusers.training.run import build_optimisation
 
+    sharded = is_sharded(generator)
+    # A prepared scheduler steps once per process per optimiser step; an unprepared one once.
     optimisation = build_optimisation(
-        OptimizerConfig.from_namespace(args), generator, networks, args.max_train_steps, accelerator.num_processes
+        OptimizerConfig.from_namespace(args),
+        generator,
+        networks,
+        args.max_train_steps,
+        1 if sharded else accelerator.num_processes,
     )
-    generator_ddp, fake_ddp, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
-        generator, networks.fake_score, *optimisation
-    )
+    if sharded:
+        generator_ddp, fake_ddp, (opt_g, opt_f, sched_g, sched_f) = generator, networks.fake_score, optimisation
+    else:
+        generator_ddp, fake_ddp, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
+            generator, networks.fake_score, *optimisation
+        )
     ema = None
     if args.use_ema:
-        ema = EMAModel(
-            generator.parameters(),
+        ema = (ShardedEMAModel if sharded else EMAModel)(
+            generator.parameters(),  # under FSDP2 the shards: the EMA is sharded like G
             decay=args.ema_decay,
-            model_cls=type(generator),
+            model_cls=unsharded_class(generator),
             model_config=generator.config,
             foreach=True,
         )
         ema.to(accelerator.device)
-    return TrainingModels(generator_ddp, networks, fake_ddp, opt_g, sched_g, opt_f, sched_f, ema)
+    models = TrainingModels(generator_ddp, networks, fake_ddp, opt_g, sched_g, opt_f, sched_f, ema)
+    if sharded:
+        register_sharded_checkpoint_hooks(accelerator, models)
+    return models
 
 
 def load_teacher_scheduler(args):
@@ -709,15 +762,16 @@ def save_checkpoint(accelerator, args, output_dir, state, fault_plan):
 
 def save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan):
     """The one-step pipeline (EMA weights when kept), written once into a temporary folder, completed there with the
-    teacher's T5 files, and only then published (atomically) into output_dir."""
+    teacher's T5 files, and only then published (atomically) into output_dir. Called on every process (sharded
+    weights are gathered); the main process writes."""
     from sim_diffusers import SIMOneStepPipeline
     from sim_diffusers.training import checkpointing
+    from sim_diffusers.training.distributed import final_generator
     from sim_diffusers.training.run import copy_teacher_text_encoder
 
-    final = accelerator.unwrap_model(models.generator)
-    if models.ema is not None:
-        final = type(final).from_config(final.config)
-        models.ema.copy_to(final.parameters())
+    final = final_generator(accelerator, models)
+    if final is None:
+        return
     vae = teacher_pipe.vae
     pipe = SIMOneStepPipeline(
         tokenizer=teacher_pipe.tokenizer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 from ..losses import DIVERGENCES
@@ -191,6 +192,53 @@ def check_generator_steps(args) -> None:
         )
 
 
+def check_distribution(args, resume_path: Path | None) -> None:
+    """--sharding and --gpu_memory_gb, and the launch they meet (issue 21: FSDP2 and the memory plan)."""
+    from .models import SHARDING_STRATEGIES
+
+    if args.sharding not in SHARDING_STRATEGIES:
+        raise UserInputError(f"Unknown --sharding {args.sharding!r}; choose one of {', '.join(SHARDING_STRATEGIES)}.")
+    if not args.gpu_memory_gb > 0:
+        raise UserInputError(f"--gpu_memory_gb must be > 0, got {args.gpu_memory_gb}.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise UserInputError(
+            "Accelerate's FSDP plugin (distributed_type: FSDP) is not used by this trainer; launch with a multi-GPU "
+            "config and pass --sharding fsdp (examples/accelerate_configs/8_gpus.yaml)."
+        )
+    if args.sharding != "none":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+        if world_size < 2:
+            raise UserInputError(
+                f"--sharding {args.sharding} splits the networks over processes, but this run has {world_size}; "
+                "launch it with accelerate launch --multi_gpu --num_processes N (N >= 2), or use --sharding none."
+            )
+        mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if mixed_precision == "fp16":
+            raise UserInputError(
+                f"--sharding {args.sharding} trains in bf16 or fp32, not fp16 (its gradient scaler would have to be "
+                "sharded too); use --mixed_precision bf16."
+            )
+        if args.use_8bit_adam:
+            raise UserInputError(
+                f"--use_8bit_adam does not run on sharded parameters; drop it or --sharding {args.sharding}."
+            )
+        if args.max_grad_norm <= 0:
+            raise UserInputError(
+                f"--sharding {args.sharding} needs --max_grad_norm > 0: the non-finite guard reads the gradient norm "
+                "over all shards, which clipping computes."
+            )
+    if resume_path is not None:
+        from .models import SHARDED_OPTIMIZER_DIR
+
+        written_sharded = (resume_path / SHARDED_OPTIMIZER_DIR).is_dir()
+        if written_sharded != (args.sharding != "none"):
+            raise UserInputError(
+                f"--resume_from_checkpoint {resume_path.name} was written "
+                f"{'with FSDP2 (--sharding fsdp or fsdp_teacher)' if written_sharded else 'with --sharding none'}; "
+                "resume it with the same kind of --sharding (the optimiser states are stored differently)."
+            )
+
+
 def validate(args) -> tuple[CaptionSet, dict, Path | None]:
     """All early checks; returns the captions, teacher facts and the checkpoint to resume from."""
     check_arguments(args)
@@ -202,4 +250,6 @@ def validate(args) -> tuple[CaptionSet, dict, Path | None]:
         )
     teacher = check_teacher(args)
     check_generator_steps(args)
-    return captions, teacher, resolve_resume(args)
+    resume_path = resolve_resume(args)
+    check_distribution(args, resume_path)
+    return captions, teacher, resume_path

@@ -397,13 +397,16 @@ class SIMIteration:
         index = torch.tensor(
             [i for i, p in enumerate(batch.positions) if p % every == 0], dtype=torch.long, device=x0.device
         )
+        # A sharded teacher's forward is a collective (each block gathers its weights from every process): a process
+        # whose micro-batch has no regression sample then runs the solver on its first sample, and drops the result.
+        solved = index if len(index) or not models.networks.teacher_sharded else index.new_zeros(1)
         targets = None
-        if len(index):
+        if len(solved):
             targets = teacher_ode_targets(
                 models.networks,
                 self.ode_scheduler,
-                rnd.noise[index],
-                cond.select(index),
+                rnd.noise[solved],
+                cond.select(solved),
                 config.guidance_scale,
                 config.regression_num_inference_steps,
             )

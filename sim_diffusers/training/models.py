@@ -3,12 +3,17 @@
 The fake score is either a full trainable copy of the teacher, or (`lora_rank > 0`) LoRA adapters injected into the
 frozen teacher itself through peft: the teacher is then the same module with its adapters switched off, which saves a
 full model copy and its Adam states. Plain PyTorch; nothing here knows about Accelerate or DDP.
+
+Sharding (`place_networks(..., sharding=Sharding(...))`) is FSDP2, `torch.distributed.fsdp.fully_shard`, applied here
+the torchtitan way: each transformer block is one unit, then the root, so a network's weights, gradients and optimiser
+states are split over the processes and a block's weights are all-gathered only while it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
@@ -16,6 +21,17 @@ import torch.utils.checkpoint
 from ..generator import guided_eps, predict_eps
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_ADAPTER = "fake_score"  # peft adapter name of a LoRA fake score
+# --sharding: what each process holds (`Sharding`).
+SHARDING_STRATEGIES = {
+    "none": "every process holds every network whole; gradients are all-reduced (DDP) when there are several",
+    "fsdp": "FSDP2 of the generator and the fake score: weights, gradients, optimiser states and EMA split over the "
+    "processes; the frozen teacher whole on each (with a LoRA fake score the teacher is F's module: split too)",
+    "fsdp_teacher": "as fsdp, and the frozen teacher split as well",
+}
+# Where a checkpoint written under FSDP2 keeps its optimiser states (training.distributed); without sharding they are
+# Accelerate's optimizer*.bin.
+SHARDED_OPTIMIZER_DIR = "optimizers"
 
 
 def _tuner_layers(model):
@@ -37,6 +53,7 @@ class ScoreNetworks:
         self.fake_score = fake_score
         self.lora = lora
         self._adapters_on, self._fake_trainable = True, True
+        self.teacher_sharded = False  # FSDP2: every teacher forward is then a collective that all processes make
 
     @classmethod
     def build(
@@ -59,7 +76,7 @@ class ScoreNetworks:
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            inject_adapter_in_model(config, teacher, adapter_name="fake_score")
+            inject_adapter_in_model(config, teacher, adapter_name=LORA_ADAPTER)
         for name, param in teacher.named_parameters():
             if "lora_" in name:
                 param.data = param.data.to(trainable_dtype)
@@ -67,6 +84,10 @@ class ScoreNetworks:
         return cls(teacher, teacher, lora=True)
 
     def fake_score_parameters(self):
+        """F's trainable parameters as the module holds them now. Under FSDP2 (`Sharding.apply`) these are its shards
+        between calls, and FSDP2 copies their requires_grad to the gathered weights each time it gathers a block, so
+        freezing them here freezes F; inside a checkpointed block's recomputation they are the gathered weights,
+        frozen and unfrozen again around it."""
         return [p for n, p in self.fake_score.named_parameters() if (not self.lora or "lora_" in n)]
 
     # The switchable state of the shared modules: (LoRA adapters on, F's parameters trainable). Activation
@@ -148,11 +169,54 @@ def cast_trainable_to_fp32(model):
     return model
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """FSDP2 of the networks over the processes of `mesh` (a 1-D `DeviceMesh`: every process holds 1/world of each
+    sharded network's weights, gradients and optimiser states).
+
+    param_dtype: the dtype a block's weights are all-gathered and computed in (bf16 under bf16 mixed precision, so
+    the fp32 master weights never exist unsharded; None: their own dtype). Gradients are reduce-scattered in fp32.
+    teacher: shard the frozen teacher as well (with a LoRA fake score it is always sharded: it is F's module).
+    """
+
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh
+    param_dtype: torch.dtype | None = None
+    teacher: bool = False
+
+    def networks(self, generator, networks: ScoreNetworks) -> list:
+        sharded = [generator, networks.fake_score] + ([networks.teacher] if self.teacher else [])
+        return _unique(*sharded)
+
+    def apply(self, module) -> None:
+        """fully_shard each transformer block, then the root (patch and caption embeddings, adaLN-single, output
+        layer). Every unit frees its gathered weights after each forward, the root too (FSDP2 would keep the root's
+        gathered until the backward, and after a no-grad forward until the next one): so between calls a network
+        holds only its shards, the parameters that the optimiser, the EMA, the checkpoints and
+        ScoreNetworks' freezing see are always the sharded ones, and no forward reuses a gathered copy older than an
+        optimiser step (a root keeping its gathered weights would show the EMA and validation a mix of shards and
+        plain tensors, and they fail on it). The root is small; its weights are gathered once more for the
+        backward."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
+        for block in module.transformer_blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=policy)
+        fully_shard(module, mesh=self.mesh, mp_policy=policy)
+        module.set_reshard_after_forward(True)
+
+
 def place_networks(
-    generator, networks: ScoreNetworks, device, gradient_checkpointing: bool = False, xformers: bool = False
+    generator,
+    networks: ScoreNetworks,
+    device,
+    gradient_checkpointing: bool = False,
+    xformers: bool = False,
+    sharding: Sharding | None = None,
 ) -> None:
-    """The one place that puts built networks on their device and applies activation checkpointing and the attention
-    kernel to them (the trainer and the step benchmark both call it)."""
+    """The one place that puts built networks on their device and applies activation checkpointing, the attention
+    kernel and sharding to them (the trainer and the step benchmark both call it). Sharding comes last, on networks
+    that are complete: FSDP2 takes each process's slice of the weights it finds, which are the same on every process
+    (all are built from the same teacher and seed)."""
     for module in _unique(generator, networks.teacher, networks.fake_score):
         module.to(device)
     if gradient_checkpointing:
@@ -161,6 +225,24 @@ def place_networks(
     if xformers:
         for module in _unique(generator, networks.teacher, networks.fake_score):
             module.enable_xformers_memory_efficient_attention()
+    if sharding is not None:
+        for module in sharding.networks(generator, networks):
+            sharding.apply(module)
+        networks.teacher_sharded = is_sharded(networks.teacher)
+
+
+def is_sharded(module) -> bool:
+    """Whether FSDP2 has sharded `module` (its class is then a subclass made by fully_shard)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def unsharded_class(module) -> type:
+    """The module's own class (PixArtTransformer2DModel), also after fully_shard has swapped in its FSDP subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def _unique(*modules):

@@ -252,6 +252,11 @@ def register_checkpoint_hooks(accelerator, generator, networks, ema, state):
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
+    from .models import is_sharded
+
+    if is_sharded(generator):
+        return  # FSDP2: distributed.register_sharded_checkpoint_hooks saves and loads the sharded state
+
     def role(model):
         unwrapped = accelerator.unwrap_model(model)
         if unwrapped is generator:
@@ -346,8 +351,11 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
 
 @torch.no_grad()
 def log_validation(accelerator, args, one_step, generator, ema, validation, step, weight_dtype):
-    """Images of the fixed validation prompts and seeds from the live generator (EMA weights when kept)."""
-    if not accelerator.is_main_process or validation is None:
+    """Images of the fixed validation prompts and seeds from the live generator (EMA weights when kept). A sharded
+    (FSDP2) generator runs on every process, each holding a shard; the main process writes the images."""
+    from .models import is_sharded
+
+    if validation is None or not (accelerator.is_main_process or is_sharded(generator)):
         return None
     from PIL import Image
 
@@ -383,6 +391,8 @@ def log_validation(accelerator, args, one_step, generator, ema, validation, step
         generator.train(was_training)
         if ema is not None:
             ema.restore(generator.parameters())
+    if not accelerator.is_main_process:
+        return images
     grid = image_grid(images, rows=len(args.validation_prompts))
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
