@@ -169,8 +169,9 @@ class SampleRandomness:
     fake_noise: torch.Tensor  # (B, C, h, w) eps of that update's x_t
     generator_timesteps: torch.Tensor  # (B,) t for the generator update
     generator_noise: torch.Tensor  # (B, C, h, w) eps of the generator update's x_t
-    # A K-step generator only (K > 1): which of its K calls the sample trains (0-based; backward simulation runs the
-    # calls before it without gradients), and the fresh noise of its calls 2 .. K
+    # A K-step generator only (K > 1): which of its K calls the step trains (0-based, the same for every sample of the
+    # step; backward simulation runs the calls before it without gradients), and each sample's fresh noise of calls
+    # 2 .. K
     generator_step: torch.Tensor | None = None  # (B,) in [0, K)
     fresh_noise: torch.Tensor | None = None  # (B, K - 1, C, h, w)
 
@@ -220,7 +221,17 @@ class CaptionStream:
         captions = [self.caption_at(p) for p in positions]
         draws = [self._draw(p, latent_shape) for p in positions]
         stacked = [torch.stack(parts) for parts in zip(*draws)]
-        return captions, SampleRandomness(*stacked)
+        randomness = SampleRandomness(*stacked[:5])
+        if self.generator_steps > 1:
+            randomness.generator_step = torch.full((len(positions),), self.generator_step(step), dtype=torch.long)
+            randomness.fresh_noise = stacked[5]
+        return captions, randomness
+
+    def generator_step(self, step: int) -> int:
+        """The call of a K-step generator that step `step` trains, drawn from (seed, step): every process of the
+        step draws the same, so all make the same number of generator calls (a sharded network's forward is a
+        collective), whatever the world size."""
+        return int(np.random.default_rng([self.seed, step, 0x57E9]).integers(self.generator_steps))
 
     def _draw(self, position: int, latent_shape):
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, position]).generate_state(1)[0]))
@@ -232,6 +243,5 @@ class CaptionStream:
         if self.generator_steps == 1:  # the one-step generator's draws, unchanged
             return noise, fake_t, fake_noise, gen_t, gen_noise
         # Drawn after the others, so that the draws above are the same whatever the number of generator steps
-        generator_step = torch.randint(0, self.generator_steps, (), generator=g)
         fresh_noise = torch.randn((self.generator_steps - 1, *latent_shape), generator=g)
-        return noise, fake_t, fake_noise, gen_t, gen_noise, generator_step, fresh_noise
+        return noise, fake_t, fake_noise, gen_t, gen_noise, fresh_noise

@@ -304,8 +304,8 @@ class SIMIteration:
 
     def generate(self, generator, batch: MicroBatch, with_graph: bool) -> torch.Tensor:
         """x0 = G(z, c) of the micro-batch, with or without the generator's graph. A K-step generator trains by
-        backward simulation: each sample's output at the call it draws (`SampleRandomness.generator_step`), the calls
-        before it run without gradients (`sim_diffusers.generator.backward_simulation`)."""
+        backward simulation: the output of the call the step draws (`SampleRandomness.generator_step`, the same for
+        every sample and process), the calls before it run without gradients (`generator.backward_simulation`)."""
         cond, rnd = batch.conditioning, batch.randomness
         embeds, mask, added = cond.prompt_embeds, cond.prompt_attention_mask, cond.added_cond_kwargs
         with torch.set_grad_enabled(with_graph):
