@@ -1686,3 +1686,24 @@ def test_a_resume_applies_this_runs_optimisation_settings_over_the_checkpoints(t
         schedule.step()  # and the schedule goes on from the new base rate
         assert group["lr"] == pytest.approx(rate * reference.lr_lambdas[0](5))
     assert ema.decay == 0.99
+
+
+def test_a_fresh_run_over_an_earlier_run_sets_its_checkpoints_and_arguments_aside(branches, tmp_path):
+    from types import SimpleNamespace
+
+    from sim_diffusers.training import lineage
+    from sim_diffusers.training.captions import CaptionSet
+
+    out = tmp_path / "out"
+    shutil.copytree(branches["first_checkpoints"], out)
+    (out / "training_args.json").write_text('{"seed": 0}')
+    args = SimpleNamespace(output_dir=str(out), train_batch_size=2, gradient_accumulation_steps=1, seed=1)
+    with lineage.claim_output_dir(args, None, {"fingerprint": {"teacher": "sha256:x"}}, CaptionSet(CAPTIONS)):
+        pass
+    (folder,) = (out / "abandoned").iterdir()
+    record = json.loads((folder / "abandoned.json").read_text())
+    assert record["moved"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "training_args.json"]
+    assert record["continued_from_step"] == 0 and "A fresh run" in record["reason"]
+    assert (folder / "training_args.json").read_text() == '{"seed": 0}'
+    assert json.loads((out / "training_args.json").read_text())["seed"] == 1  # this run starts the branch
+    assert checkpointing.complete_checkpoints(out) == []

@@ -12,8 +12,9 @@ run is operated (steps, checkpoints, validation, logging, memory options) are ap
 changes what is learned (seed, objective, optimiser settings, global batch, teacher or caption content) is refused
 with the list of differences unless --allow_changed_arguments, and a few things never change (NEVER_ON_RESUME).
 
-`training_args.json` holds the arguments of the first run in the folder and is never rewritten; every run, first
-included, appends one line to `training_history.jsonl`: when, where, from which step, its arguments, what changed.
+`training_args.json` holds the arguments of the run that started the current branch: a resume never rewrites it, a
+fresh start moves the earlier one aside with that run's checkpoints. Every run appends one line to
+`training_history.jsonl`: when, where, from which step, its arguments, what changed, what it set aside.
 """
 
 from __future__ import annotations
@@ -147,10 +148,13 @@ def _utc_stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def set_aside_later_checkpoints(output_dir: Path, start_step: int, reason: str) -> Path | None:
-    """Move the checkpoints beyond `start_step` into abandoned/<time>-from-step-N/ with a record; returns that
-    folder (None when there were none)."""
+def set_aside_abandoned_branch(output_dir: Path, start_step: int, reason: str) -> Path | None:
+    """Move what belongs to the branch a run starting at `start_step` abandons into abandoned/<time>-from-step-N/
+    with a record: the checkpoints beyond that step, and for a fresh start (step 0) the earlier run's
+    training_args.json too. Returns that folder (None when there was nothing to move)."""
     later = [path for path in complete_checkpoints(output_dir) if checkpoint_step(path) > start_step]
+    if start_step == 0 and (output_dir / ARGUMENTS_FILE).is_file():
+        later.append(output_dir / ARGUMENTS_FILE)
     if not later:
         return None
     folder = output_dir / ABANDONED_DIR / f"{_utc_stamp()}-from-step-{start_step}"
@@ -177,7 +181,7 @@ def set_aside_later_checkpoints(output_dir: Path, start_step: int, reason: str) 
 
 def _abandon_reason(output_dir: Path, resume_path: Path | None) -> str:
     if resume_path is None:
-        return "A fresh run (no --resume_from_checkpoint) starts over an earlier run's checkpoints"
+        return "A fresh run (no checkpoint to resume) starts over an earlier run"
     start = checkpoint_step(resume_path)
     unreadable = {
         path.name: why
@@ -217,7 +221,7 @@ def _released_on_sigterm():
 @contextlib.contextmanager
 def claim_output_dir(args, resume_path: Path | None, teacher_facts: dict, caption_set):
     """For the run's lifetime, on the process that owns output_dir: hold its lock; set aside the branch this run
-    abandons; record the run (training_history.jsonl, and training_args.json if this is the folder's first run)."""
+    abandons; record the run (training_history.jsonl, and training_args.json when it starts a branch)."""
     if not is_global_rank_zero():
         yield
         return
@@ -225,7 +229,7 @@ def claim_output_dir(args, resume_path: Path | None, teacher_facts: dict, captio
     with OutputDirLock(output_dir), _released_on_sigterm():
         start = checkpoint_step(resume_path) if resume_path is not None else 0
         reason = _abandon_reason(output_dir, resume_path)
-        abandoned = set_aside_later_checkpoints(output_dir, start, reason)
+        abandoned = set_aside_abandoned_branch(output_dir, start, reason)
         changes = {}
         if resume_path is not None:
             changes = resume_differences(args, resume_path, teacher_facts, caption_set)
