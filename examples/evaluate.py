@@ -240,12 +240,29 @@ def load_images(output_dir: str, paths: list[str]) -> list[Image.Image]:
     return [Image.open(os.path.join(output_dir, path)).convert("RGB") for path in paths]
 
 
+def load_scorer(name: str, weights_argument: str, options: dict, args):
+    """The metric's scorer; a weights file that holds more than tensors is refused in one `error:` line (exit 2),
+    without torch's advice to unpickle it anyway, which is wrong for a file of unknown origin."""
+    import pickle
+
+    weights = getattr(args, weights_argument)
+    try:
+        return get_scorer(name, weights, args.device, DTYPES[args.dtype], **options)
+    except pickle.UnpicklingError:
+        print(
+            f"error: --{weights_argument} {weights} holds objects that are not plain tensors; refusing to unpickle it "
+            "(it could run code). Use its .safetensors, or the file its authors publish.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
 def score_models(name: str, models: list[dict], samples: list[dict], args) -> None:
     """Load one scorer, score every model's images, store per-image scores and the summary in `models`."""
     weights_argument, option_arguments = METRIC_ARGUMENTS[name]
     options = {option: getattr(args, argument) for option, argument in option_arguments.items()}
     options = {option: value for option, value in options.items() if value is not None}
-    scorer = get_scorer(name, getattr(args, weights_argument), args.device, DTYPES[args.dtype], **options)
+    scorer = load_scorer(name, weights_argument, options, args)
     if not scorer.per_image and os.path.isdir(args.fid_reference):  # save the reference statistics for reuse
         scorer.save_reference_stats(os.path.join(args.output_dir, "fid_reference_stats.safetensors"))
     prompts = [s["prompt"] for s in samples]

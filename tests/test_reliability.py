@@ -1707,3 +1707,18 @@ def test_a_fresh_run_over_an_earlier_run_sets_its_checkpoints_and_arguments_asid
     assert (folder / "training_args.json").read_text() == '{"seed": 0}'
     assert json.loads((out / "training_args.json").read_text())["seed"] == 1  # this run starts the branch
     assert checkpointing.complete_checkpoints(out) == []
+
+
+def test_evaluate_refuses_metric_weights_that_are_not_plain_tensors(tmp_path, capsys):
+    evaluate = load_example("evaluate")
+    head = tmp_path / "aesthetic-head.pth"
+    torch.save(argparse.Namespace(payload="code"), head)
+    args = argparse.Namespace(aesthetic_head=str(head), aesthetic_clip="unused", device="cpu", dtype="float32")
+    with pytest.raises(SystemExit) as exited:
+        evaluate.load_scorer("aesthetic", "aesthetic_head", {"clip_model": "unused"}, args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err == (
+        f"error: --aesthetic_head {head} holds objects that are not plain tensors; refusing to unpickle it (it could "
+        "run code). Use its .safetensors, or the file its authors publish.\n"
+    )
