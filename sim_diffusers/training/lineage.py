@@ -226,7 +226,7 @@ def claim_output_dir(args, resume_path: Path | None, teacher_facts: dict, captio
         yield
         return
     output_dir = Path(args.output_dir)
-    with OutputDirLock(output_dir), _released_on_sigterm():
+    with _released_on_sigterm(), OutputDirLock(output_dir):  # the handler first: no moment holds the lock without it
         start = checkpoint_step(resume_path) if resume_path is not None else 0
         reason = _abandon_reason(output_dir, resume_path)
         abandoned = set_aside_abandoned_branch(output_dir, start, reason)

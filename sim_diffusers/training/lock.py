@@ -103,9 +103,9 @@ class OutputDirLock:
                 aside.unlink(missing_ok=True)
                 self.took_over = holder
                 continue
+            self.held = True  # from here release() removes it, even if interrupted before the record is written
             with os.fdopen(fd, "w") as f:
                 json.dump(self.record, f)
-            self.held = True
             if self.took_over is not None:
                 logger.warning(
                     "Took over the stale lock of %s: PID %s on %s (started %s) is no longer running.",
@@ -125,7 +125,8 @@ class OutputDirLock:
         return message + "."
 
     def release(self) -> None:
-        if self.held and (self._holder() or {}).get("token") == self.record["token"]:
+        holder = self._holder()
+        if self.held and holder is not None and holder.get("token", self.record["token"]) == self.record["token"]:
             self.path.unlink(missing_ok=True)
         self.held = False
 
