@@ -53,8 +53,15 @@ METRIC_ARGUMENTS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Argument errors as one line (`error: ...`), exit code 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
 
@@ -129,12 +136,59 @@ def parse_args(input_args=None):
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     for name in args.metrics:
-        scorer_class(name)  # fails early on an unknown name
+        try:
+            scorer_class(name)  # fails early on an unknown name
+        except ValueError as err:
+            parser.error(str(err))
     if "fid" in args.metrics and (args.fid_model is None or args.fid_reference is None):
         parser.error("--metrics fid needs --fid_model and --fid_reference.")
     if args.batch_size < 1 or (args.num_samples is not None and args.num_samples < 1):
         parser.error("--batch_size and --num_samples must be positive.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} is a file; give a folder.")
+    try:
+        read_captions(args.captions)  # readable now, not after the models have loaded
+    except FileNotFoundError:
+        parser.error(f"--captions {args.captions} does not exist.")
+    except UnicodeDecodeError as err:
+        parser.error(f"--captions {args.captions} is not UTF-8 text (byte {err.start}); save it as UTF-8.")
+    except (OSError, ValueError) as err:
+        parser.error(f"--captions {args.captions}: {err}")
+    for text in args.models:
+        check_model_path(text, parser)
     return args
+
+
+def check_model_path(text: str, parser) -> None:
+    """A model spec must parse, and name a pipeline folder or something that can be a Hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        spec = ModelSpec.parse(text)
+    except ValueError as err:
+        parser.error(str(err))
+    if os.path.exists(spec.path):
+        if not os.path.isfile(os.path.join(spec.path, "model_index.json")):
+            parser.error(f"--model {text}: {spec.path} is not a pipeline folder (no model_index.json).")
+        return
+    try:
+        validate_repo_id(spec.path)
+    except HFValidationError:
+        parser.error(f"--model {text}: {spec.path} does not exist (neither a local folder nor a Hub repo id).")
+
+
+def resolve_models(args) -> list[ModelSpec]:
+    """Every model's pipeline class and sampling settings, or one `error:` line (exit 2) for a model that cannot be
+    reached (an unknown Hub id, no network) or sampled that way."""
+    specs = []
+    for text in args.models:
+        try:
+            specs.append(ModelSpec.parse(text).resolve())
+        except Exception as err:  # noqa: BLE001 - one line, not a traceback, whatever the reason
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"error: --model {text}: {type(err).__name__}: {first_line[:200]}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return specs
 
 
 def synchronize(device: str) -> None:
@@ -186,12 +240,29 @@ def load_images(output_dir: str, paths: list[str]) -> list[Image.Image]:
     return [Image.open(os.path.join(output_dir, path)).convert("RGB") for path in paths]
 
 
+def load_scorer(name: str, weights_argument: str, options: dict, args):
+    """The metric's scorer; a weights file that holds more than tensors is refused in one `error:` line (exit 2),
+    without torch's advice to unpickle it anyway, which is wrong for a file of unknown origin."""
+    import pickle
+
+    weights = getattr(args, weights_argument)
+    try:
+        return get_scorer(name, weights, args.device, DTYPES[args.dtype], **options)
+    except pickle.UnpicklingError:
+        print(
+            f"error: --{weights_argument} {weights} holds objects that are not plain tensors; refusing to unpickle it "
+            "(it could run code). Use its .safetensors, or the file its authors publish.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
 def score_models(name: str, models: list[dict], samples: list[dict], args) -> None:
     """Load one scorer, score every model's images, store per-image scores and the summary in `models`."""
     weights_argument, option_arguments = METRIC_ARGUMENTS[name]
     options = {option: getattr(args, argument) for option, argument in option_arguments.items()}
     options = {option: value for option, value in options.items() if value is not None}
-    scorer = get_scorer(name, getattr(args, weights_argument), args.device, DTYPES[args.dtype], **options)
+    scorer = load_scorer(name, weights_argument, options, args)
     if not scorer.per_image and os.path.isdir(args.fid_reference):  # save the reference statistics for reuse
         scorer.save_reference_stats(os.path.join(args.output_dir, "fid_reference_stats.safetensors"))
     prompts = [s["prompt"] for s in samples]
@@ -224,7 +295,7 @@ def main(args):
     captions = read_captions(args.captions)
     num_samples = args.num_samples or len(captions)
     samples = [{"index": i, "prompt": captions[i % len(captions)], "seed": args.seed + i} for i in range(num_samples)]
-    specs = [ModelSpec.parse(text).resolve() for text in args.models]
+    specs = resolve_models(args)
     metrics = []
     for name in args.metrics:
         cls = scorer_class(name)

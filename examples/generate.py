@@ -17,8 +17,44 @@ from pathlib import Path
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Argument errors as one line (`error: ...`), exit code 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def read_prompt_file(path: Path, parser) -> list[str]:
+    if not path.is_file():
+        parser.error(
+            f"--prompt_file {path} does not exist" if not path.exists() else f"--prompt_file {path} is not a file"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        parser.error(f"--prompt_file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8")
+    except OSError as err:
+        parser.error(f"--prompt_file {path} cannot be read ({err.strerror or err})")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def check_model(model: str, parser) -> None:
+    """A local folder must be a pipeline; anything else must at least be a valid Hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            parser.error(f"--model {model} is not a pipeline folder (no model_index.json)")
+        return
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        parser.error(f"--model {model} does not exist (neither a local folder nor a Hub repo id)")
+
+
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="Prompts to generate (or use --prompt_file).")
     parser.add_argument("--model", required=True, help="Folder or Hub id of a SIMOneStepPipeline.")
     parser.add_argument("--prompt_file", help="Text file with one prompt per line.")
@@ -34,16 +70,31 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     prompts = list(args.prompts)
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            parser.error(f"--prompt_file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += read_prompt_file(Path(args.prompt_file), parser)
     if not prompts:
         parser.error("give at least one prompt, as arguments or with --prompt_file")
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir} is a file; give a folder")
+    check_model(args.model, parser)
     args.prompt_list = prompts
     return args
+
+
+def load_pipeline(args, dtype):
+    """The pipeline, or one `error:` line (exit 2) when it cannot be loaded (a Hub id that does not exist, no
+    network, an incomplete folder)."""
+    from sim_diffusers import SIMOneStepPipeline
+
+    try:
+        return SIMOneStepPipeline.from_pretrained(args.model, dtype=dtype, revision=args.revision)
+    except Exception as err:  # noqa: BLE001 - whatever the reason, the user gets one line, not a traceback
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"error: --model {args.model} cannot be loaded ({type(err).__name__}: {first_line[:200]})", file=sys.stderr
+        )
+        raise SystemExit(2) from None
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -54,13 +105,9 @@ def main(args) -> list[Path]:
     import torch
     from tqdm.auto import tqdm
 
-    from sim_diffusers import SIMOneStepPipeline
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    pipe = SIMOneStepPipeline.from_pretrained(
-        args.model, dtype=getattr(torch, DTYPES[dtype_name]), revision=args.revision
-    ).to(device)
+    pipe = load_pipeline(args, getattr(torch, DTYPES[dtype_name])).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     output_dir = Path(args.output_dir)

@@ -367,7 +367,15 @@ def _run_args(parser):
     g.add_argument(
         "--resume_from_checkpoint",
         default=None,
-        help="A checkpoint folder, or `latest` (starts fresh when there is none).",
+        help="A checkpoint folder, or `latest`: the newest readable one (starts fresh when there is none). Resuming "
+        "an earlier checkpoint than the newest moves the later ones aside into abandoned/ (never deleted).",
+    )
+    g.add_argument(
+        "--allow_changed_arguments",
+        action="store_true",
+        help="Resume although settings that change what is learned (seed, objective, optimiser, global batch, "
+        "teacher or captions) differ from the checkpoint's; they are applied and recorded. Learning rates and "
+        "operational options are always applied on resume.",
     )
 
     g = parser.add_argument_group("validation")
@@ -385,7 +393,10 @@ def _run_args(parser):
     g.add_argument("--logging_dir", default="logs", help="Tracker directory, relative to --output_dir.")
     g.add_argument("--tracker_project_name", default="sim-pixart", help="Project name of the trackers.")
     g.add_argument(
-        "--push_to_hub", action="store_true", help="Upload output_dir (without checkpoints) to the Hub at the end."
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the pipeline, its model card and validation grid to the Hub at the end (never checkpoints, "
+        "logs, caches or training records).",
     )
     g.add_argument("--hub_model_id", default=None, help="Repo id for --push_to_hub (default: output_dir's name).")
     g.add_argument(
@@ -447,11 +458,27 @@ def main(args):
             print(format_plan(plan, args.gpu_memory_gb), file=sys.stderr)
             print(json.dumps({**public_arguments(vars(args)), **facts}, indent=2))
         return 0
+    return train_in_claimed_output_dir(args, caption_set, teacher_facts, resume_path)
+
+
+def train_in_claimed_output_dir(args, caption_set, teacher_facts, resume_path) -> int:
+    """Train while holding output_dir's lock, after setting aside the branch a resume abandons and recording the run
+    (sim_diffusers/training/lineage.py). Exit codes: 0 trained and saved; 2 bad input or output_dir in use; 3
+    non-finite: stopped, or no model worth saving (one `error:` line naming the last good checkpoint)."""
+    from sim_diffusers.training.captions import UserInputError
+    from sim_diffusers.training.lineage import claim_output_dir, is_global_rank_zero
+    from sim_diffusers.training.run import NonFiniteTraining
+
     try:
-        return train(args, caption_set, teacher_facts, resume_path)
+        with claim_output_dir(args, resume_path, teacher_facts, caption_set):
+            return train(args, caption_set, teacher_facts, resume_path)
     except UserInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteTraining as err:
+        if is_global_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 def train(args, caption_set, teacher_facts, resume_path):
@@ -461,12 +488,15 @@ def train(args, caption_set, teacher_facts, resume_path):
     from sim_diffusers.training import faults
     from sim_diffusers.training.captions import CaptionStream
     from sim_diffusers.training.iteration import SIMIteration
+    from sim_diffusers.training.lineage import run_record
     from sim_diffusers.training.run import (
         StepBatches,
         StepLog,
         TrainingState,
+        check_trained_generator,
         log_validation,
         register_checkpoint_hooks,
+        resume_from_checkpoint,
     )
 
     accelerator, output_dir, weight_dtype = set_up(args)
@@ -484,13 +514,11 @@ def train(args, caption_set, teacher_facts, resume_path):
     # 3. Optimisers and schedules of both networks, prepared for distribution; EMA of G
     models = build_training_models(args, accelerator, generator, networks)
 
-    # 4. Resume: weights, optimisers, schedules, RNG and the caption-stream position (= the step)
-    state = TrainingState()
+    # 4. Resume: weights, optimisers, schedules, RNG and the caption-stream position (= the step); then this run's
+    # learning rates (and accepted changes). Each checkpoint records this run (arguments, content fingerprints).
+    state = TrainingState(run=run_record(args, teacher_facts, caption_set, accelerator.num_processes))
     register_checkpoint_hooks(accelerator, generator, networks, models.ema, state)
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(str(resume_path))
-        state.load(resume_path)
+    resume_from_checkpoint(accelerator, args, models, state, resume_path)
 
     # 5. The iteration, and the samples of each step (per-sample randomness from (seed, position): independent of
     # the world size)
@@ -549,8 +577,10 @@ def train(args, caption_set, teacher_facts, resume_path):
         if args.validation_prompts and (state.step % args.validation_steps == 0 or state.step == args.max_train_steps):
             log_validation(accelerator, args, one_step, generator, models.ema, validation, state.step, weight_dtype)
 
-    # 7. Save the one-step pipeline (EMA weights when --use_ema), the model card, and push
+    # 7. Save the one-step pipeline (EMA weights when --use_ema), the model card, and push; only a generator that
+    # trained and is finite (otherwise exit 3, naming the last good checkpoint)
     accelerator.wait_for_everyone()
+    check_trained_generator(accelerator, models, state, output_dir)
     save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan)
     if accelerator.is_main_process:
         write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"], generator_timesteps)
@@ -562,7 +592,8 @@ def train(args, caption_set, teacher_facts, resume_path):
 
 def set_up(args):
     """Accelerate (a gloo group when several CPU processes are launched; the sharded variant under --sharding), the
-    output folder with this run's arguments, TF32, and the weight dtype of the frozen networks."""
+    output folder (its record of the run is written by lineage.claim_output_dir), TF32, and the weight dtype of the
+    frozen networks."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -585,7 +616,6 @@ def set_up(args):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.clear_temporary(output_dir)  # leftovers of a save interrupted by a crash
-        (output_dir / "training_args.json").write_text(json.dumps(public_arguments(vars(args)), indent=2))
         tracker_config = {
             k: v for k, v in public_arguments(vars(args)).items() if isinstance(v, (int, float, str, bool))
         }

@@ -8,11 +8,15 @@ step s needs nothing but s: the caption stream's position is the step counter.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import io
 import json
 import logging
-from dataclasses import dataclass, fields
+import re
+import unicodedata
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +33,64 @@ class UserInputError(ValueError):
 
 @dataclass
 class CaptionSet:
+    """The captions a run trains on, in file order, and what was left out of the source, by kind: {kind: count}."""
+
     captions: list[str]
-    num_skipped_non_utf8: int = 0
-    num_dropped_empty: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        from .fingerprints import captions_fingerprint
+
+        return captions_fingerprint(self.captions)
 
 
-def _decode_lines(raw: bytes) -> tuple[list[str], int]:
-    """Split bytes into lines, decoding each as UTF-8; lines that are not valid UTF-8 are skipped and counted."""
-    lines, bad = [], 0
-    for chunk in raw.splitlines():
-        try:
-            lines.append(chunk.decode("utf-8"))
-        except UnicodeDecodeError:
-            bad += 1
-    if lines and lines[0].startswith("\ufeff"):
-        lines[0] = lines[0][1:]
-    return lines, bad
+# Byte-order marks, longest first (UTF-32-LE's starts with UTF-16-LE's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as bytes.splitlines: no splitting at U+2028 and the like inside a caption
+NOT_UTF8 = "not valid UTF-8"
+
+
+def _decode(raw: bytes, path: Path) -> tuple[list[str], int]:
+    """(the file's lines, the number of lines skipped as not UTF-8). UTF-16 and UTF-32 files are recognised by
+    their byte-order mark and decoded whole; a file with NUL bytes is refused (UTF-16 without a mark, or binary)."""
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            body = raw[len(bom) :]
+            break
+    else:
+        body, codec = raw, "utf-8"
+    if codec == "utf-8":
+        if b"\0" in body:
+            line = body[: body.index(b"\0")].count(b"\n") + 1
+            raise UserInputError(
+                f"--caption_file {path} has NUL bytes (line {line}): it is not UTF-8 text (UTF-16 without a "
+                "byte-order mark?); save it as UTF-8."
+            )
+        lines, bad = [], 0
+        for chunk in body.splitlines():
+            try:
+                lines.append(chunk.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad += 1
+        return lines, bad
+    try:
+        text = body.decode(codec)
+    except UnicodeDecodeError as err:
+        raise UserInputError(
+            f"--caption_file {path} starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} "
+            f"(byte {err.start + len(bom)})."
+        ) from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise UserInputError(f"--caption_file {path} has NUL characters (line {line}); they cannot be in a caption.")
+    return _LINE_BREAK.split(text.removesuffix("\n")), 0
 
 
 def _column(rows: list[dict], column: str | None, path: Path) -> list:
@@ -56,11 +102,37 @@ def _column(rows: list[dict], column: str | None, path: Path) -> list:
     return [row.get(column) for row in rows]
 
 
+def _csv_rows(lines: list[str], path: Path) -> list[dict]:
+    """Rows of a CSV file; a quote left open or a row with more or fewer fields than the header is refused (a quote
+    left open would swallow every following row into one caption; an unquoted comma would cut a caption short)."""
+    reader = csv.reader(io.StringIO("\n".join(lines)), strict=True)
+    try:
+        header = next(reader, None)
+        if not header:
+            raise UserInputError(f"{path.name} has no header row.")
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise UserInputError(
+                    f"{path.name} line {reader.line_num} has {len(row)} fields, its header {len(header)} (a caption "
+                    "with a comma must be quoted)."
+                )
+            rows.append(dict(zip(header, row)))
+    except csv.Error as err:
+        raise UserInputError(
+            f"{path.name} is not valid CSV near line {reader.line_num}: {err} (a quote left open?)."
+        ) from None
+    return rows
+
+
 def read_caption_file(path: str | Path, caption_column: str | None = None) -> CaptionSet:
     """Captions from .txt (one per line), .csv, .jsonl, .json (a list of objects) or .parquet (`caption_column`).
 
-    Lines or records that are not valid UTF-8 are skipped and counted (not fatal); captions are stripped and empty
-    ones dropped. Raises UserInputError for a missing, unreadable or empty file, or a column that does not exist.
+    UTF-8 (with or without a byte-order mark), or UTF-16 / UTF-32 with one. Lines of a UTF-8 file that are not valid
+    UTF-8 are skipped and counted; everything else left out is counted by kind (`clean_captions`). Raises
+    UserInputError for a missing, unreadable, empty or malformed file, or a column that does not exist.
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -81,13 +153,12 @@ def read_caption_file(path: str | Path, caption_column: str | None = None) -> Ca
 
     bad = 0
     if suffix == ".txt":
-        values, bad = _decode_lines(raw)
+        values, bad = _decode(raw, path)
     elif suffix == ".csv":
-        lines, bad = _decode_lines(raw)
-        rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
-        values = _column(rows, caption_column, path)
+        lines, bad = _decode(raw, path)
+        values = _column(_csv_rows(lines, path), caption_column, path)
     elif suffix == ".jsonl":
-        lines, bad = _decode_lines(raw)
+        lines, bad = _decode(raw, path)
         rows = []
         for number, line in enumerate(lines, 1):
             if line.strip():
@@ -95,16 +166,21 @@ def read_caption_file(path: str | Path, caption_column: str | None = None) -> Ca
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     raise UserInputError(f"{path.name} line {number} is not valid JSON.") from None
+        if not all(isinstance(row, dict) for row in rows):
+            raise UserInputError(f"{path.name} must hold one JSON object per line.")
         values = _column(rows, caption_column, path)
     elif suffix == ".json":
+        lines, bad = _decode(raw, path)
+        if bad:
+            raise UserInputError(f"{path.name} is not valid UTF-8 JSON ({bad} line(s) are not UTF-8).")
         try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserInputError(f"{path.name} is not valid UTF-8 JSON: {err}.") from None
-        if isinstance(data, list) and all(isinstance(item, str) for item in data):
-            values = data
-        elif isinstance(data, list) and all(isinstance(item, dict) for item in data):
+            data = json.loads("\n".join(lines))
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{path.name} is not valid JSON: {err}.") from None
+        if isinstance(data, list) and all(isinstance(item, dict) for item in data) and data:
             values = _column(data, caption_column, path)
+        elif isinstance(data, list):
+            values = data
         else:
             raise UserInputError(f"{path.name} must hold a list of strings or a list of objects.")
     else:  # .parquet
@@ -119,7 +195,7 @@ def read_caption_file(path: str | Path, caption_column: str | None = None) -> Ca
                 f"--caption_column {caption_column!r} is not in {path.name}; its columns are {table.column_names}."
             )
         values = table.column(caption_column).to_pylist()
-    return clean_captions(values, num_skipped_non_utf8=bad, source=str(path))
+    return clean_captions(values, num_skipped_non_utf8=bad, source=str(path), column=caption_column)
 
 
 def load_dataset_captions(
@@ -142,18 +218,80 @@ def load_dataset_captions(
         raise UserInputError(
             f"--caption_column {caption_column!r} is not in {dataset_name}; its columns are {dataset.column_names}."
         )
-    return clean_captions(dataset[caption_column], source=dataset_name)
+    return clean_captions(dataset[caption_column], source=dataset_name, column=caption_column)
 
 
-def clean_captions(values, num_skipped_non_utf8: int = 0, source: str = "captions") -> CaptionSet:
-    captions = [value.strip() for value in values if isinstance(value, str) and value.strip()]
-    dropped = len(values) - len(captions)
-    if not captions:
-        skipped = f"; {num_skipped_non_utf8} line(s) skipped as not valid UTF-8" if num_skipped_non_utf8 else ""
-        raise UserInputError(f"{source} holds no captions after cleaning ({len(values)} entries, all empty{skipped}).")
+def _visible(text: str) -> bool:
+    """Whether `text` has a character a tokenizer can see (not whitespace, a control or a format character such as a
+    zero-width space or joiner)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
+
+
+def _kind_of(value) -> str | None:
+    """Why a value is not a caption, or None when it is one."""
+    if value is None:
+        return "null"
+    if not isinstance(value, str):
+        return f"not text ({type(value).__name__})"
+    if not value.strip():
+        return "empty"
+    if not _visible(value):
+        return "invisible characters only"
+    return None
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def clean_captions(values, num_skipped_non_utf8: int = 0, source: str = "captions", column=None) -> CaptionSet:
+    """Stripped captions; every value left out is counted by kind and reported in one warning. Refused: nothing left,
+    or a column that holds mostly numbers (the wrong --caption_column, most likely)."""
+    captions, dropped = [], {}
     if num_skipped_non_utf8:
-        logger.warning("Skipped %d line(s) of %s that are not valid UTF-8.", num_skipped_non_utf8, source)
-    return CaptionSet(captions, num_skipped_non_utf8, dropped)
+        dropped[NOT_UTF8] = num_skipped_non_utf8
+    for value in values:
+        kind = _kind_of(value)
+        if kind is None:
+            captions.append(value.strip())
+        else:
+            dropped[kind] = dropped.get(kind, 0) + 1
+    total = len(values) + num_skipped_non_utf8
+    where = f"{source}" + (f" (column {column!r})" if column else "")
+    if not captions:
+        detail = ", ".join(f"{n} {kind}" for kind, n in dropped.items())
+        raise UserInputError(f"{where} holds no captions after cleaning ({total} entries: {detail}).")
+    numbers = sum(n for kind, n in dropped.items() if kind in ("not text (int)", "not text (float)"))
+    numbers += sum(1 for caption in captions if _NUMBER.fullmatch(caption))
+    if 2 * numbers > total:
+        raise UserInputError(
+            f"{where} holds numbers in {numbers} of its {total} entries, captions in {total - numbers}: is it the "
+            "caption column?"
+        )
+    if dropped:
+        detail = ", ".join(f"{n} {kind}" for kind, n in sorted(dropped.items(), key=lambda item: -item[1]))
+        logger.warning(
+            "%s: left out %d of %d entries (%s); training on %d.",
+            where,
+            total - len(captions),
+            total,
+            detail,
+            len(captions),
+        )
+    return CaptionSet(captions, dropped)
+
+
+def long_captions(captions: list[str], tokenizer, max_sequence_length: int, sample: int = 20000) -> tuple[int, int]:
+    """(captions in an evenly spaced sample of at most `sample` that T5 would cut at `max_sequence_length` tokens,
+    the sample's size). Only captions long enough in characters to be cut are tokenised (a token is at least one
+    character)."""
+    unique = list(dict.fromkeys(captions))
+    step = max(1, len(unique) // sample)
+    sampled = unique[::step][:sample]
+    candidates = [c for c in sampled if len(c) + 1 > max_sequence_length]
+    if not candidates:
+        return 0, len(sampled)
+    lengths = [len(ids) for ids in tokenizer(candidates, add_special_tokens=True)["input_ids"]]
+    return sum(n > max_sequence_length for n in lengths), len(sampled)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2,13 +2,17 @@
 
 A checkpoint is written into `.tmp-checkpoint-{step}` and renamed to `checkpoint-{step}` only when complete (the
 rename is atomic on POSIX file systems), so a job killed at any moment leaves either a whole checkpoint or a
-temporary directory that `latest` resolution ignores and the next save clears. The final pipeline is saved the same
-way: components are written into a temporary directory, moved into `output_dir`, and `model_index.json`, which
-`from_pretrained` reads first, is moved last.
+temporary directory that `latest` resolution ignores and the next save clears. A checkpoint damaged afterwards (a
+disk error, a partial copy) is caught by `checkpoint_problem`, which reads every file's header without loading the
+weights, so that `latest` falls back to the newest readable one. The final pipeline is saved the same
+way: components are written into a temporary directory (their configs cleared of the local paths diffusers records
+in `_name_or_path`), moved into `output_dir`, and `model_index.json`, which `from_pretrained` reads first, is moved
+last.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -35,6 +39,54 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     checkpoints = complete_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None when it can: its state file, every safetensors
+    file (header and size), and Accelerate's optimiser, scheduler and RNG files (unpickled with weights_only=True and
+    memory-mapped, so no tensor data is read and no code can run)."""
+    import pickle
+
+    from .fingerprints import UnreadableFile, safetensors_header
+
+    path = Path(path)
+    try:
+        state = json.loads((path / COMPLETE_MARKER).read_text())
+        if state["step"] != checkpoint_step(path):
+            return f"its {COMPLETE_MARKER} says step {state['step']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {COMPLETE_MARKER} is unreadable"
+    weights = sorted(path.rglob("*.safetensors"))
+    if not any(p.parent.name == "generator" for p in weights):
+        return "it holds no generator weights"
+    for file in weights:
+        try:
+            safetensors_header(file)
+        except (OSError, UnreadableFile) as err:
+            folder = file.relative_to(path).parent
+            return f"{'' if folder == Path('.') else f'{folder}/'}{err}"
+    for file in sorted(path.glob("*.bin")) + sorted(path.glob("*.pkl")):
+        from accelerate.utils import load
+
+        try:
+            load(file, map_location="cpu", mmap=True)
+        except pickle.UnpicklingError:
+            # torch's own message would advise weights_only=False: never pass that on for a file of unknown origin.
+            return f"{file.name} holds objects that are not plain tensors, refused unread (it could run code)"
+        except Exception as err:  # noqa: BLE001 - truncated zip, bad magic...: unreadable either way
+            return f"{file.name} is unreadable ({type(err).__name__})"
+    return None
+
+
+def latest_good_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, dict[Path, str]]:
+    """(the newest complete checkpoint that `checkpoint_problem` passes, {newer ones passed over: why})."""
+    skipped = {}
+    for path in reversed(complete_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped[path] = problem
+    return None, skipped
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
@@ -106,6 +158,7 @@ def save_pipeline_atomically(pipeline, output_dir: str | os.PathLike, finalize=N
     pipeline.save_pretrained(tmp, safe_serialization=True, **save_kwargs)
     if finalize is not None:
         finalize(tmp)
+    drop_local_names(tmp)
     index = output_dir / "model_index.json"
     if index.exists():  # from here until the end, the folder has no model_index.json: not loadable, not mixed
         os.replace(index, output_dir / f"{TMP_PREFIX}old-model_index.json")
@@ -121,6 +174,20 @@ def save_pipeline_atomically(pipeline, output_dir: str | os.PathLike, finalize=N
     os.replace(tmp / "model_index.json", index)
     _fsync_dir(output_dir)
     clear_temporary(output_dir)
+
+
+def drop_local_names(folder: Path) -> None:
+    """Remove `_name_or_path` from the component configs of a saved pipeline where it names a local path (diffusers
+    records where a component was loaded from; a published model must not carry the trainer's file system)."""
+    for config in Path(folder).glob("*/*.json"):
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            continue
+        name = data.get("_name_or_path") if isinstance(data, dict) else None
+        if isinstance(name, str) and (Path(name).is_absolute() or Path(name).exists()):
+            del data["_name_or_path"]
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,10 +2,12 @@
 
     SIM_DIFFUSERS_TEST_FAULTS="nan:generator_loss@3,4;kill:checkpoint@4;kill:step@6;kill:final_save@0"
 
-`nan:WHERE@STEPS` turns that loss into NaN at those (0-based) steps; `kill:WHERE@STEP` sends SIGKILL to the process
-at that point: inside a step after the backward passes and before the optimiser steps ("step"), after the
-checkpoint's files are written but before it is published ("checkpoint", step = the checkpoint's step), or between
-writing the final pipeline and publishing it ("final_save"). Tests use it to prove crash safety and the NaN guard.
+`nan:WHERE@STEPS` turns that loss into NaN at those (0-based) steps; `nan:generator_weights@STEP` sets one generator
+weight to NaN just before the checkpoint of that step is checked and saved, `nan:final_weights@0` just before the
+final save's check. `kill:WHERE@STEP` sends SIGKILL to the process at that point: inside a step after the backward
+passes and before the optimiser steps ("step"), after the checkpoint's files are written but before it is published
+("checkpoint", step = the checkpoint's step), or between writing the final pipeline and publishing it ("final_save").
+Tests use it to prove crash safety, the NaN guard and the finiteness checks before saves.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class FaultPlan(IterationHooks):
         if step in self.nan.get(where, ()):
             return loss * float("nan")
         return loss
+
+    def maybe_poison(self, where: str, step: int, module: torch.nn.Module) -> None:
+        if step in self.nan.get(where, ()):
+            with torch.no_grad():
+                next(module.parameters()).view(-1)[0] = float("nan")
 
     def maybe_kill(self, where: str, step: int) -> None:
         if step in self.kill.get(where, ()):

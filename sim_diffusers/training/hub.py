@@ -3,7 +3,8 @@
     python -m sim_diffusers.training.hub OUTPUT_DIR --hub_model_id your-name/sim-pixart [--private]
 
 The token comes from `--hub_token`, the HF_TOKEN environment variable or `huggingface-cli login`; it is never
-printed, logged or written anywhere.
+printed, logged or written anywhere. What is uploaded is an allow-list (`upload_files`): the pipeline, its model card
+and validation grid; the card shows local paths by their last part only.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 
 from ..teachers import PIXART_ALPHA, family_named
 
-# Never uploaded: resumable training state (optimiser pickles) and temporary files of interrupted saves.
+# Belt and braces: never uploaded even if the allow-list below ever named them.
 UPLOAD_IGNORE_PATTERNS = [
     "checkpoint-*",
     "checkpoint-*/**",
     ".tmp-*",
     ".tmp-*/**",
     "logs/**",
+    "abandoned/**",
     "text_embedding_cache/**",
 ]
 SECRET_ARGUMENTS = ("hub_token",)
@@ -37,9 +39,61 @@ MODEL_CARD_TAGS = [
 ]
 
 
+# Arguments that name local files or folders: a published model card shows only their last part.
+PATH_ARGUMENTS = (
+    "pretrained_model_name_or_path",
+    "caption_file",
+    "dataset_name",
+    "cache_dir",
+    "output_dir",
+    "text_embedding_cache",
+    "logging_dir",
+    "resume_from_checkpoint",
+)
+
+
 def public_arguments(args: dict) -> dict:
     """Arguments safe to save, log and show: secrets removed."""
     return {k: v for k, v in args.items() if k not in SECRET_ARGUMENTS and not k.startswith("_")}
+
+
+def publishable_arguments(args: dict) -> dict:
+    """public_arguments without local paths: a path argument that names something on this machine (or any absolute
+    path) shows as `<local>/name`; Hub ids stay as they are."""
+    shown = {}
+    for key, value in public_arguments(args).items():
+        if (
+            key in PATH_ARGUMENTS
+            and isinstance(value, str)
+            and (Path(value).expanduser().exists() or Path(value).is_absolute())
+        ):
+            value = f"<local>/{Path(value).name}"
+        shown[key] = value
+    return shown
+
+
+def upload_files(output_dir: str | os.PathLike) -> list[str]:
+    """What a model repo should hold of output_dir, by relative path: the pipeline (model_index.json, the components
+    it names, the code files it carries), the model card and the validation grid it shows. Never checkpoints, logs,
+    caches (whose index lists every training caption), training records (local paths) or anything else."""
+    import json
+
+    from ..pipeline_sim_one_step import pipeline_code_files
+
+    output_dir = Path(output_dir)
+    index = json.loads((output_dir / "model_index.json").read_text())
+    components = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)]
+    files = ["model_index.json", "README.md", "validation/latest.png"]
+    files += [path.name for path in pipeline_code_files()]
+    for name in components:
+        folder = output_dir / name
+        if folder.is_dir():
+            files += [
+                path.relative_to(output_dir).as_posix()
+                for path in sorted(folder.rglob("*"))
+                if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+            ]
+    return [name for name in files if (output_dir / name).is_file()]
 
 
 def resolve_token(explicit: str | None) -> str | None:
@@ -88,14 +142,15 @@ def render_model_card(
         validation = f"![validation samples]({validation_image})\n\nPrompts, one row each: {prompts}."
     else:
         validation = "No validation images were generated in this run."
-    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(public_arguments(settings).items()))
+    shown = publishable_arguments(settings)
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(shown.items()))
     template = jinja2.Template(Path(template_path).read_text(encoding="utf-8"), keep_trailing_newline=True)
     text = template.render(
         card_data=card_data.to_yaml(),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
         base_model=base_model,
-        teacher=settings.get("pretrained_model_name_or_path"),
+        teacher=shown.get("pretrained_model_name_or_path"),
         teacher_family=family.name,
         conditioning_timestep=conditioning_timestep,
         generator_timesteps=generator_timesteps or [conditioning_timestep],
@@ -113,14 +168,17 @@ def render_model_card(
 
 
 def push_output_dir(output_dir: str | os.PathLike, hub_model_id: str, token: str | None, private: bool = False) -> str:
-    """Create the repo if needed and upload output_dir (without checkpoints); returns the repo id."""
+    """Create the repo if needed and upload what a model repo should hold of output_dir (`upload_files`); returns
+    the repo id."""
     from huggingface_hub import create_repo, upload_folder
 
+    files = upload_files(output_dir)
     repo_id = create_repo(hub_model_id, private=private, token=token, exist_ok=True).repo_id
     upload_folder(
         repo_id=repo_id,
         folder_path=str(output_dir),
         commit_message="Upload one-step SIM generator",
+        allow_patterns=files,  # exact paths: no pattern character appears in the names the trainer writes
         ignore_patterns=UPLOAD_IGNORE_PATTERNS,
         token=token,
     )

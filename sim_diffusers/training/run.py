@@ -1,4 +1,5 @@
-"""Pieces of the training script that are not the algorithm: state, optimisers, text, checkpoint hooks, validation.
+"""Pieces of the training script that are not the algorithm: state, optimisers, text, checkpoint hooks (with the
+finiteness check before every save), resume, validation.
 
 Only this module and the script import Accelerate-facing code paths; the math lives in `step.py` and `..losses`.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import faults
+from .captions import UserInputError
 from .checkpointing import COMPLETE_MARKER
 from .iteration import MicroBatch
 from .step import Conditioning
@@ -25,11 +28,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TrainingState:
     """What a checkpoint must restore beyond weights, optimisers and RNG: the step (= caption-stream position) and
-    the non-finite-step counters. Its JSON file is also the marker of a complete checkpoint."""
+    the non-finite-step counters; and what it records of the run that wrote it (`run`: arguments, the teacher's and
+    captions' content fingerprints, the global batch; see lineage.py), which a resume compares with its own. Its
+    JSON file is also the marker of a complete checkpoint."""
 
     step: int = 0
     skipped: dict = field(default_factory=lambda: {"generator": 0, "fake_score": 0})
     consecutive_bad: int = 0
+    run: dict = field(default_factory=dict)
 
     def advance(self, result) -> None:
         """Count the skipped updates of a finished iteration (an `iteration.IterationResult`); move to the next
@@ -43,12 +49,47 @@ class TrainingState:
         self.step += 1
 
     def save(self, directory: Path) -> None:
-        data = {"step": self.step, "skipped": self.skipped, "consecutive_bad": self.consecutive_bad}
+        data = {"step": self.step, "skipped": self.skipped, "consecutive_bad": self.consecutive_bad, "run": self.run}
         (Path(directory) / COMPLETE_MARKER).write_text(json.dumps(data, indent=2))
 
     def load(self, directory: Path) -> None:
+        """The counters of a checkpoint (`run` stays this run's own)."""
         data = json.loads((Path(directory) / COMPLETE_MARKER).read_text())
         self.step, self.skipped, self.consecutive_bad = data["step"], data["skipped"], data["consecutive_bad"]
+
+
+class NonFiniteTraining(RuntimeError):
+    """The run cannot produce a model worth saving (non-finite weights, or a generator that never updated); the
+    message is one line and names the last good checkpoint. The trainer exits with code 3."""
+
+
+def nonfinite_tensors(named_tensors) -> list[str]:
+    """Names of the tensors holding a NaN or an Inf (one device sync for all). A sharded tensor (DTensor) is checked
+    by its local shard; the caller reduces the verdict over processes."""
+    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named_tensors]
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    return [name for (name, _), ok in zip(named, flags.tolist()) if not ok]
+
+
+def _last_good_checkpoint(output_dir) -> str:
+    from .checkpointing import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    return f"Last good checkpoint: {last if last else 'none'}."
+
+
+def ensure_finite_weights(accelerator, named_tensors, what: str, output_dir) -> None:
+    """Raise NonFiniteTraining, on every process alike, if any process holds a non-finite tensor among
+    `named_tensors` ((name, tensor) pairs): nothing non-finite is ever saved."""
+    bad = nonfinite_tensors(named_tensors)
+    count = torch.tensor([float(len(bad))], device=accelerator.device)
+    if accelerator.reduce(count, reduction="sum").item() > 0:
+        first = f" (e.g. {bad[0]})" if bad else ""
+        raise NonFiniteTraining(
+            f"{what} are not finite{first}; nothing was saved. {_last_good_checkpoint(output_dir)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -187,17 +228,6 @@ class StepLog:
 # Text conditioning
 
 
-def _cache_settings(args, dtype) -> dict:
-    return {
-        "teacher": str(args.pretrained_model_name_or_path),
-        "revision": args.revision,
-        "variant": args.variant,
-        "max_sequence_length": args.max_sequence_length,
-        "clean_caption": args.clean_caption,
-        "dtype": str(dtype),
-    }
-
-
 def needs_text_encoder(args) -> bool:
     """T5 must be loaded unless a complete cache already holds the captions and the validation prompts."""
     if args.text_embedding_cache is None:
@@ -209,7 +239,10 @@ def needs_text_encoder(args) -> bool:
 
 
 def load_text_conditioning(args, accelerator, teacher_pipe, captions, dtype):
-    """A callable captions -> (embeds, mask) with `.negative()` and `.extra(prompts)`; builds the cache if asked."""
+    """A callable captions -> (embeds, mask) with `.negative()` and `.extra(prompts)`; builds the cache if asked (or
+    reuses it when it was built for these captions and this text encoder, by content)."""
+    from .checks import text_cache_settings
+
     device = accelerator.device
     encoder = None
     if teacher_pipe.text_encoder is not None:
@@ -224,7 +257,7 @@ def load_text_conditioning(args, accelerator, teacher_pipe, captions, dtype):
         args.text_embedding_cache,
         captions,
         encoder,
-        _cache_settings(args, dtype),
+        text_cache_settings(args, dtype),
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone,
@@ -248,6 +281,16 @@ def validation_embeddings(args, text):
 # Checkpoint hooks: G, F and EMA in diffusers format (safetensors), not as Accelerate's anonymous model files.
 
 
+def trained_tensors(generator, networks, ema) -> list:
+    """(name, tensor) of everything training changes: G's and F's trainable parameters and G's EMA."""
+    named = [(f"generator.{n}", p) for n, p in generator.named_parameters()]
+    trainable = {id(p) for p in networks.fake_score_parameters()}
+    named += [(f"fake_score.{n}", p) for n, p in networks.fake_score.named_parameters() if id(p) in trainable]
+    if ema is not None:
+        named += [(f"generator_ema.{i}", p) for i, p in enumerate(ema.shadow_params)]
+    return named
+
+
 def register_checkpoint_hooks(accelerator, generator, networks, ema, state):
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
@@ -267,6 +310,14 @@ def register_checkpoint_hooks(accelerator, generator, networks, ema, state):
 
     def save_hook(models, weights, output_dir):
         output_dir = Path(output_dir)
+        # Before anything is written: a checkpoint with a NaN in it is never published (the run stops, exit 3).
+        faults.from_environment().maybe_poison("generator_weights", state.step, generator)
+        ensure_finite_weights(
+            accelerator,
+            trained_tensors(generator, networks, ema),
+            f"The weights at step {state.step}",
+            output_dir.parent,
+        )
         for model in models:
             name = role(model)
             if accelerator.is_main_process:
@@ -307,6 +358,68 @@ def register_checkpoint_hooks(accelerator, generator, networks, ema, state):
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resume_from_checkpoint(accelerator, args, models, state, path) -> None:
+    """Weights, optimisers, schedules, RNG and the step from the checkpoint the main process chose (`path`, or None
+    for a fresh run); then this run's optimisation settings, which Accelerate's load_state would otherwise silently
+    replace with the checkpoint's: the learning rates always (a resume applies them), Adam's betas, epsilon and
+    weight decay and the EMA decay as given (they differ only when --allow_changed_arguments accepted it)."""
+    import pickle
+
+    from accelerate.utils import broadcast_object_list
+
+    (chosen,) = broadcast_object_list([None if path is None else str(path)])
+    if chosen is None:
+        return
+    accelerator.print(f"Resuming from {chosen}")
+    try:
+        accelerator.load_state(chosen)
+    except pickle.UnpicklingError:
+        # Not torch's message, which advises weights_only=False: wrong advice for a file of unknown origin.
+        raise UserInputError(
+            f"{chosen} holds objects that are not plain tensors; refusing to unpickle them (they could run code). "
+            "Resume from a checkpoint this trainer wrote."
+        ) from None
+    state.load(Path(chosen))
+    apply_optimisation_settings(models, args)
+
+
+def apply_optimisation_settings(models, args) -> None:
+    """Set both optimisers' base learning rates (and the value their schedule gives at the resumed step), betas,
+    epsilon and weight decay, and the EMA decay, from `args`."""
+    for optimizer, scheduler, learning_rate in (
+        (models.generator_optimizer, models.generator_scheduler, args.learning_rate),
+        (models.fake_score_optimizer, models.fake_score_scheduler, args.fake_score_learning_rate),
+    ):
+        inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
+        for i, group in enumerate(optimizer.param_groups):
+            if inner.base_lrs[i] != learning_rate:
+                lambdas = getattr(inner, "lr_lambdas", None)  # diffusers' schedules are all LambdaLR
+                factor = lambdas[i](inner.last_epoch) if lambdas else inner.get_last_lr()[i] / inner.base_lrs[i]
+                inner.base_lrs[i] = group["initial_lr"] = learning_rate
+                group["lr"] = inner._last_lr[i] = learning_rate * factor
+            group["betas"] = (args.adam_beta1, args.adam_beta2)
+            group["eps"], group["weight_decay"] = args.adam_epsilon, args.adam_weight_decay
+    if models.ema is not None:
+        models.ema.decay = args.ema_decay
+
+
+def check_trained_generator(accelerator, models, state, output_dir) -> None:
+    """Before the final save: the generator took at least one finite update, and the weights to be published (EMA
+    when kept) are finite; NonFiniteTraining (exit 3) otherwise."""
+    if state.step - state.skipped["generator"] <= 0:
+        raise NonFiniteTraining(
+            f"The generator's update was non-finite at all {state.step} steps (each skipped): it never trained, so "
+            "no pipeline was saved; see logs/steps.jsonl."
+        )
+    generator = accelerator.unwrap_model(models.generator)
+    faults.from_environment().maybe_poison("final_weights", 0, generator)
+    if models.ema is not None:
+        named = [(f"generator_ema.{i}", p) for i, p in enumerate(models.ema.shadow_params)]
+    else:
+        named = [(f"generator.{n}", p) for n, p in generator.named_parameters()]
+    ensure_finite_weights(accelerator, named, "The final generator weights", output_dir)
 
 
 def copy_teacher_text_encoder(args, pipeline_dir: Path) -> None:

@@ -6,7 +6,7 @@ unpadded (its attention-mask length); padding positions come back as zeros, whic
 exactly (a -10000 bias underflows to weight 0), so cached and online training give the same updates.
 
 Cache layout (`--text_embedding_cache DIR`):
-    index.json                     fingerprint (captions, teacher, settings) and the shard list
+    index.json                     fingerprints (captions; text encoder by content, and settings) and the shard list
     negative.safetensors           the empty-prompt embedding of classifier-free guidance
     shard-00000.safetensors ...    "embeds" (tokens, D) concatenated, "offsets" (n + 1,) int64
 """
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from .captions import UserInputError
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the text encoder fingerprinted by content (1: by its path)
 SHARD_SIZE = 4096
 
 
@@ -58,6 +58,29 @@ def _fingerprint(captions: list[str], settings: dict) -> str:
     for caption in captions:
         digest.update(caption.encode("utf-8", "surrogatepass") + b"\0")
     return digest.hexdigest()
+
+
+def cache_mismatch(cache_dir: str | os.PathLike, captions: list[str], settings: dict, ignore=()) -> str | None:
+    """Why the cache in `cache_dir` cannot serve `captions` with `settings` (None when it can, or holds no index yet).
+    `ignore`: settings not known yet (the trainer's early check runs before the weight dtype is)."""
+    index_path = Path(cache_dir) / "index.json"
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        return "its index.json is unreadable"
+    if index.get("format_version") != CACHE_FORMAT_VERSION:
+        return f"it was built by an older version (format {index.get('format_version')})"
+    if index.get("captions") != list(dict.fromkeys(captions)):
+        return "it was built for other captions"
+    built = index.get("settings", {})
+    changed = [key for key in settings if key not in ignore and built.get(key) != settings[key]]
+    if changed:
+        return "it was built with another " + ", ".join(
+            "text encoder (by content)" if key == "text_encoder" else f"{key} ({built.get(key)})" for key in changed
+        )
+    return None
 
 
 def _pad(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,19 +163,18 @@ def build_text_embedding_cache(
     Shards are split over processes (shard k by rank k mod R) and each is renamed into place only when written, so
     an interrupted build resumes where it stopped. `encoder` may be None when the cache is known to be complete.
     `extra_prompts` (validation prompts) are stored beside it, padded, in extra.safetensors.
-    `settings` (teacher, revision, sequence length, cleaning, dtype) goes into the fingerprint: a cache built for
-    other captions or another teacher is refused, never silently reused.
+    `settings` (the text encoder's content fingerprint, sequence length, cleaning, dtype) goes into the fingerprint:
+    a cache built for other captions or another text encoder is refused, never silently reused.
     """
     cache_dir = Path(cache_dir)
     unique = list(dict.fromkeys(captions))
     fingerprint = _fingerprint(unique, settings)
     index_path = cache_dir / "index.json"
     if index_path.exists():
-        index = json.loads(index_path.read_text())
-        if index.get("fingerprint") != fingerprint:
+        problem = cache_mismatch(cache_dir, unique, settings)
+        if problem is not None:
             raise UserInputError(
-                f"--text_embedding_cache {cache_dir} was built for other captions or another teacher/settings; "
-                "give a new directory or delete it."
+                f"--text_embedding_cache {cache_dir} does not match: {problem}; give a new directory."
             )
         if rank == 0:
             _write_extra(cache_dir, encoder, extra_prompts)
@@ -161,6 +183,18 @@ def build_text_embedding_cache(
     if cache_dir.exists() and not cache_dir.is_dir():
         raise UserInputError(f"--text_embedding_cache {cache_dir} is a file, not a directory.")
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # Shards left by an interrupted build are reused only by a build of the same fingerprint.
+    partial = cache_dir / "partial.json"
+    if rank == 0 and not partial.exists():
+        tmp = cache_dir / ".tmp-partial.json"
+        tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+        os.replace(tmp, partial)
+    barrier()
+    if json.loads(partial.read_text()).get("fingerprint") != fingerprint:
+        raise UserInputError(
+            f"--text_embedding_cache {cache_dir} holds a partial build for other captions, another text encoder or "
+            "other settings; give a new directory."
+        )
     shard_names = [f"shard-{k:05d}.safetensors" for k in range((len(unique) + SHARD_SIZE - 1) // SHARD_SIZE)]
 
     for k in range(rank, len(shard_names), world_size):
@@ -198,6 +232,7 @@ def build_text_embedding_cache(
         tmp = cache_dir / ".tmp-index.json"
         tmp.write_text(json.dumps(index))
         os.replace(tmp, index_path)
+        partial.unlink(missing_ok=True)
     barrier()
     return True
 
