@@ -56,7 +56,7 @@ GPU_JOBS = [
         110,
     ),
     (
-        # The memory plan's check (issue 21): full iterations only, so that max_memory_allocated is the iteration's.
+        # The memory plan's check: full iterations only, so that max_memory_allocated is the iteration's.
         "memory_xl-1024_b2",
         "train_step.py",
         [

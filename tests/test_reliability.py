@@ -1,5 +1,5 @@
 """Reliability of the trainer: crash-safe resume, the non-finite guard, early input checks, secrets, formats; and
-(issue 24) nothing of the user's overwritten, resumes that mean what they say, no exit 0 with a broken model.
+nothing of the user's overwritten, resumes that mean what they say, no exit 0 with a broken model.
 
 Trainer subprocesses on the tiny fixture cost ~5 s each (mostly imports), so there are few, in module-scoped fixtures
 whose outputs several tests read: an uninterrupted run, the same run killed three times and resumed, a run with
@@ -931,7 +931,7 @@ def test_regression_warmup_defaults_on_with_the_regression_term_and_off_without(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 6. Resume means what it says (issue 24, cases 2 and 3): a rollback continues the branch chosen, `latest` included;
+# 6. Resume means what it says: a rollback continues the branch chosen, `latest` included;
 # changed learning rates are applied and recorded; the first run's record is kept
 
 
