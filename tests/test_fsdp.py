@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import (
     TRAINER_ENV,
@@ -362,9 +363,14 @@ def test_fsdp_bad_combinations_fail_before_any_model_loads(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     out, resuming = tmp_path / "out", "--resume_from_checkpoint" in extra
-    if resuming:  # a complete checkpoint of the other kind
+    if resuming:  # a complete, readable checkpoint of the other kind
+        from safetensors.torch import save_file
+
         checkpoint = out / "checkpoint-2"
-        (checkpoint / ("optimizers" if "sharded" in extra else "generator")).mkdir(parents=True)
+        (checkpoint / "generator").mkdir(parents=True)
+        save_file({"weight": torch.zeros(1)}, str(checkpoint / "generator" / "diffusion_pytorch_model.safetensors"))
+        if "sharded" in extra:
+            (checkpoint / "optimizers").mkdir()
         (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 2}))
         extra = [e for e in extra if e != "sharded"]
     captions = write_captions(tmp_path / "captions.txt", CAPTIONS)
