@@ -630,6 +630,26 @@ def test_bad_input_fails_fast_with_one_line(trainer, bad_inputs, overrides, patt
     assert tree_state(bad_inputs["root"]) == before
 
 
+def test_only_the_output_dir_owner_checks_it_for_strangers_files(trainer, tiny_teacher_path, tmp_path, monkeypatch):
+    """Under a launcher the main process writes the run's records while the others still validate; a process that
+    looked between its two writes took them for a stranger's files and exited 2 (in about one 2-process launch of
+    six here). Only the main process judges output_dir."""
+    from sim_diffusers.training.captions import UserInputError
+    from sim_diffusers.training.checks import resolve_resume
+
+    write_captions(tmp_path / "caps.txt", CAPTIONS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    files = {"teacher": str(tiny_teacher_path), "root": str(tmp_path)}
+    args = trainer.parse_args(trainer_argv(files, {}, out))
+    monkeypatch.setenv("RANK", "1")
+    assert resolve_resume(args, {}, None) is None
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserInputError, match="already holds README.md"):
+        resolve_resume(args, {}, None)
+
+
 def tree_state(root: Path) -> dict:
     """Every path under root with its size and modification time (links not followed)."""
     return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(root.rglob("*"))}

@@ -584,9 +584,12 @@ def train(args, caption_set, teacher_facts, resume_path):
     save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan)
     if accelerator.is_main_process:
         write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"], generator_timesteps)
-        if args.push_to_hub:
-            push(args, output_dir)
+    # Every process leaves the process group together: one that tore it down while the main process was still
+    # saving could hang for good in the teardown. The upload needs no group.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.is_main_process and args.push_to_hub:
+        push(args, output_dir)
     return 0
 
 
@@ -756,6 +759,7 @@ def stop_on_nonfinite_steps(accelerator, output_dir, state) -> int:
             f"Last good checkpoint: {last if last else 'none'}.",
             file=sys.stderr,
         )
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return 3
 
