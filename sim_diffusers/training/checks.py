@@ -408,7 +408,12 @@ def _check_fresh_output_dir(args) -> None:
     # Only the process that owns output_dir checks it: the others may look while it already writes the run's
     # records, and would take them for a stranger's files.
     output_dir = Path(args.output_dir)
-    if not is_global_rank_zero() or not output_dir.is_dir() or (output_dir / ARGUMENTS_FILE).exists() or (output_dir / HISTORY_FILE).exists():
+    if (
+        not is_global_rank_zero()
+        or not output_dir.is_dir()
+        or (output_dir / ARGUMENTS_FILE).exists()
+        or (output_dir / HISTORY_FILE).exists()
+    ):
         return
     written = {"model_index.json", "README.md", ARGUMENTS_FILE, HISTORY_FILE, args.logging_dir, "validation"}
     written |= {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"}
