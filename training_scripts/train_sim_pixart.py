@@ -523,6 +523,7 @@ def train(args, caption_set, teacher_facts, resume_path):
             checked, stop = validate(state.step)
             validation_postfix = checked.postfix() if checked is not None else validation_postfix
             if stop:
+                progress.close()
                 return stop_on_collapse(accelerator, args, output_dir, state, fault_plan)
 
     # 7. Save the one-step pipeline (EMA weights when --use_ema), the model card, and push

@@ -362,7 +362,6 @@ def decode_images(vae, image_processor, latents: torch.Tensor) -> np.ndarray:
     return image_processor.postprocess(image, output_type="np")
 
 
-@torch.no_grad()
 def log_validation(accelerator, args, one_step, models, validation, validation_log, step, ode_scheduler):
     """Validate the live generator (EMA weights when kept) against the teacher from the fixed noises, on the main
     process: statistics to the trackers and `validation_log` (logs/validation.jsonl), the side-by-side grid to the
@@ -389,6 +388,7 @@ def log_validation(accelerator, args, one_step, models, validation, validation_l
     return result, bool(stop.item())
 
 
+@torch.no_grad()
 def _validate(accelerator, args, config, one_step, models, validation, step, ode_scheduler):
     """The statistics and images of one validation (`validation` module docstring); the teacher's samples are
     prepared on the first call."""
