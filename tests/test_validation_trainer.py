@@ -239,7 +239,7 @@ BAD_OPTIONS = [  # (id, overrides of the base options, the error's pattern)
     ("validation every 0 steps", {"--validation_steps": "0"}, r"--validation_steps must be >= 1, got 0"),
     (
         "more images than noises",
-        {"--num_validation_images": "20"},
+        {"--num_validation_images": "40"},
         r"Need 1 <= --num_validation_images <= --validation_num_samples \(16\), got 20",
     ),
     (

@@ -52,7 +52,7 @@ class ValidationConfig:
     """The validation's settings (the trainer's options --validation_num_samples, --validation_teacher_steps,
     --validation_collapse_threshold, --validation_collapse_action)."""
 
-    num_samples: int = 16
+    num_samples: int = 32
     teacher_steps: int = 20
     collapse_threshold: float = 0.5
     collapse_action: str = "warn"
