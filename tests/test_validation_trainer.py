@@ -240,7 +240,7 @@ BAD_OPTIONS = [  # (id, overrides of the base options, the error's pattern)
     (
         "more images than noises",
         {"--num_validation_images": "40"},
-        r"Need 1 <= --num_validation_images <= --validation_num_samples \(16\), got 20",
+        r"Need 1 <= --num_validation_images <= --validation_num_samples \(32\), got 40",
     ),
     (
         "repeated prompt",
