@@ -280,3 +280,28 @@ def test_bad_validation_options_fail_with_one_line(
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
     assert re.search(pattern, captured.err), captured.err
     assert captured.out == "" and not Path(tmp_path / "out").exists()
+
+
+def test_stop_under_two_processes_stops_every_rank_together(zero_eps_teacher, captions_file, tmp_path):
+    """Only the main process validates; the decision is broadcast, so no rank trains on (or waits) alone. Under
+    `accelerate launch` the launcher reports its own failure code and names the child's exit code."""
+    out = tmp_path / "ddp"
+    result = conftest.run_trainer(
+        zero_eps_teacher,
+        captions_file,
+        out,
+        *RUN_ARGS,
+        "--report_to",
+        "none",
+        "--validation_collapse_action",
+        "stop",
+        processes=2,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"exitcode: {COLLAPSE_EXIT_CODE}" in result.stderr, describe(result)
+    assert "error: stopping at step 2 on a possible mode collapse" in result.stderr
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]  # both ranks took part in the stop's checkpoint
