@@ -43,6 +43,9 @@ def parse_args(input_args=None):
     report.add_argument("runs", nargs="+", help="distill's NAME-seedS.json files.")
     report.add_argument("--threshold", type=float, default=THRESHOLD, help="The collapse threshold to evaluate.")
     report.add_argument("--figure", default=None, help="Write the signal figure (PNG) here.")
+    report.add_argument(
+        "--label", action="append", default=[], metavar="NAME=TEXT", help="The figure's title of NAME's panel."
+    )
     report.add_argument("--json", default=None, help="Write the numbers of the report here.")
     count = sub.add_parser("noise_count", help="The minimum ratio's spread over noise draws for several N.")
     add_world_and_teacher_args(count)
@@ -160,7 +163,8 @@ def report(args) -> dict:
         )
     if args.figure:
         names = list(dict.fromkeys(run["name"] for run in runs))
-        panels = [(name, [run["curve"] for run in runs if run["name"] == name]) for name in names]
+        labels = dict(item.split("=", 1) for item in args.label)
+        panels = [(labels.get(name, name), [run["curve"] for run in runs if run["name"] == name]) for name in names]
         draw_signal_figure(
             args.figure,
             "The trainer's diversity ratio next to the true mode coverage (ground-truth world)",
