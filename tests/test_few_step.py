@@ -177,7 +177,10 @@ def test_trainer_trains_and_saves_a_two_step_generator(tiny_teacher_path, tmp_pa
         "--adam_epsilon",
         "1.0",
     ]
-    run_trainer(tiny_teacher_path, captions, tmp_path / "k2", *args, "--num_generator_steps", "2")
+    validation = ["--validation_prompts", "a red cat", "--validation_num_samples", "4", "--validation_steps", "2"]
+    run_trainer(tiny_teacher_path, captions, tmp_path / "k2", *args, "--num_generator_steps", "2", *validation)
+    validated = [json.loads(line) for line in (tmp_path / "k2" / "logs" / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validated] == [0, 2]  # the validation samples the 2-step generator (test below)
     pipe = SIMOneStepPipeline.from_pretrained(tmp_path / "k2")
     assert pipe.generator_timesteps == [440, 220]
     assert json.loads((tmp_path / "k2" / "model_index.json").read_text())["generator_timesteps"] == [440, 220]
@@ -189,6 +192,31 @@ def test_trainer_trains_and_saves_a_two_step_generator(tiny_teacher_path, tmp_pa
     teacher = component_weights(tiny_teacher_path)
     k1, k2 = component_weights(tmp_path / "k1"), component_weights(tmp_path / "k2")
     assert max_difference(k2, teacher) > 1e-4 and max_difference(k1, k2) > 1e-6  # backward simulation trained
+
+
+def test_validation_samples_a_k_step_generator_with_fixed_draws(parts):
+    """The trainer's validation runs the generator it trains: K calls, with fresh noises fixed by (seed, prompt,
+    step) so that every validation of a run compares like with like."""
+    from sim_diffusers.training.validation import ValidationSet, generator_samples, step_noise, validation_noise
+
+    transformer, abar, embeds, mask = parts
+    validation = ValidationSet(["a", "b"], embeds[:2], mask[:2], embeds[2:], mask[2:])
+    noise = validation_noise(7, 2, 3, (4, 8, 8))
+
+    def samples(timesteps):
+        return generator_samples(transformer, noise, validation, timesteps, abar, lambda n: None, "cpu", seed=7)
+
+    with torch.no_grad():
+        two, one = samples([440, 220]), samples([440])
+        for p in range(2):
+            cond = (embeds[p : p + 1].expand(3, -1, -1), mask[p : p + 1].expand(3, -1))
+            eps2 = step_noise(7, p, 1, noise[p].shape)
+            expected = few_step_generate(transformer, noise[p], [440, 220], abar, *cond, fresh_noise=[eps2])
+            torch.testing.assert_close(two[p], expected, rtol=0, atol=0)
+            torch.testing.assert_close(one[p], one_step_generate(transformer, noise[p], 440, abar, *cond))
+    assert torch.equal(samples([440, 220]), two)
+    assert not torch.equal(step_noise(7, 0, 1, (4, 8, 8)), step_noise(7, 1, 1, (4, 8, 8)))
+    assert (two - one).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(

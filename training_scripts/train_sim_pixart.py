@@ -28,16 +28,18 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from sim_diffusers.losses import DEFAULT_T_MAX, DEFAULT_T_MIN
 from sim_diffusers.training.iteration import IterationConfig
 from sim_diffusers.training.run import OptimizerConfig
+from sim_diffusers.training.validation import COLLAPSE_EXIT_CODE, VALIDATION_LOG_FILE, ValidationConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "sim_pixart.md"
 logger = logging.getLogger("train_sim_pixart")
-ITERATION, OPTIMIZER = IterationConfig(), OptimizerConfig()
+ITERATION, OPTIMIZER, VALIDATION = IterationConfig(), OptimizerConfig(), ValidationConfig()
 # Regression warm-up of the generator before SIM starts (docs/ground_truth.md: on the ground-truth world it gives
 # every metric a better start than SIM from the teacher's weights, and SIM keeps improving it from there).
 DEFAULT_REGRESSION_WARMUP_STEPS = ITERATION.regression_warmup_steps
@@ -59,6 +61,7 @@ def parse_args(input_args=None):
         _regression_args,
         _network_args,
         _run_args,
+        _validation_against_teacher_args,
         _distribution_args,
     ):
         add_group(parser)
@@ -431,6 +434,38 @@ def _distribution_args(parser):
     )
 
 
+def _validation_against_teacher_args(parser):
+    g = parser.add_argument_group(
+        "validation against the teacher (sim_diffusers.training.validation; docs/training.md, 'Is my run working?')"
+    )
+    g.add_argument(
+        "--validation_num_samples",
+        type=int,
+        default=VALIDATION.num_samples,
+        help="Fixed noises per validation prompt (from --seed) on which the generator is compared with the teacher's "
+        "ODE samples from the same noises; the first --num_validation_images are shown.",
+    )
+    g.add_argument(
+        "--validation_teacher_steps",
+        type=int,
+        default=VALIDATION.teacher_steps,
+        help="DPM-Solver++ steps of the teacher's samples (computed once per run, cached in OUTPUT_DIR/logs).",
+    )
+    g.add_argument(
+        "--validation_collapse_threshold",
+        type=float,
+        default=VALIDATION.collapse_threshold,
+        help="Warn when a prompt's diversity ratio (the generator's spread over the teacher's on the same noises) "
+        "falls below this.",
+    )
+    g.add_argument(
+        "--validation_collapse_action",
+        default=VALIDATION.collapse_action,
+        help="On a possible collapse: warn (a line on stderr) or stop (save a checkpoint and exit with code "
+        f"{COLLAPSE_EXIT_CODE}).",
+    )
+
+
 def main(args):
     # Heavy imports after argument parsing, so that --help and argument errors are instant.
     from sim_diffusers.training.captions import UserInputError
@@ -549,13 +584,28 @@ def train(args, caption_set, teacher_facts, resume_path):
         weight_dtype,
     )
     step_log = StepLog(output_dir / "logs" / "steps.jsonl", state.step, enabled=accelerator.is_main_process)
+    validation_log = StepLog(output_dir / VALIDATION_LOG_FILE, state.step, enabled=accelerator.is_main_process)
     progress = tqdm(
         range(args.max_train_steps),
         initial=state.step,
         desc="SIM steps",
         disable=not accelerator.is_local_main_process,
     )
-    tic = time.perf_counter()
+    tic, validation_postfix = time.perf_counter(), {}
+    validate = partial(
+        log_validation,
+        accelerator,
+        args,
+        one_step,
+        models,
+        validation,
+        validation_log,
+        ode_scheduler=iteration.ode_scheduler,
+        teacher_fingerprint=teacher_facts["fingerprint"]["teacher"],
+    )
+    if args.validation_prompts and state.step == 0:  # the untrained generator: the baseline of every curve
+        checked, _ = validate(0)
+        validation_postfix = checked.postfix() if checked is not None else validation_postfix
 
     # 6. Training loop
     while state.step < args.max_train_steps:
@@ -569,13 +619,18 @@ def train(args, caption_set, teacher_facts, resume_path):
             g=f"{logs['loss/generator']:.3g}",
             f=f"{logs['loss/fake_score']:.3g}",
             samples_s=f"{global_batch * progress.n / max(time.perf_counter() - tic, 1e-9):.1f}",
+            **validation_postfix,
         )
         if state.consecutive_bad >= args.max_consecutive_nonfinite_steps:
             return stop_on_nonfinite_steps(accelerator, output_dir, state)
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
             save_checkpoint(accelerator, args, output_dir, state, fault_plan)
         if args.validation_prompts and (state.step % args.validation_steps == 0 or state.step == args.max_train_steps):
-            log_validation(accelerator, args, one_step, generator, models.ema, validation, state.step, weight_dtype)
+            checked, stop = validate(state.step)
+            validation_postfix = checked.postfix() if checked is not None else validation_postfix
+            if stop:
+                progress.close()
+                return stop_on_collapse(accelerator, args, output_dir, state, fault_plan)
 
     # 7. Save the one-step pipeline (EMA weights when --use_ema), the model card, and push; only a generator that
     # trained and is finite (otherwise exit 3, naming the last good checkpoint)
@@ -764,6 +819,22 @@ def stop_on_nonfinite_steps(accelerator, output_dir, state) -> int:
     return 3
 
 
+def stop_on_collapse(accelerator, args, output_dir, state, fault_plan) -> int:
+    """--validation_collapse_action stop: a checkpoint of this step (unless the loop has just saved one), one line,
+    exit code COLLAPSE_EXIT_CODE."""
+    if state.step % args.checkpointing_steps != 0 and state.step != args.max_train_steps:
+        save_checkpoint(accelerator, args, output_dir, state, fault_plan)
+    if accelerator.is_main_process:
+        print(
+            f"error: stopping at step {state.step} on a possible mode collapse (--validation_collapse_action stop); "
+            f"saved checkpoint-{state.step}; the values are in {VALIDATION_LOG_FILE}.",
+            file=sys.stderr,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return COLLAPSE_EXIT_CODE
+
+
 def multi_process_without_accelerator() -> bool:
     """`accelerate launch --multi_gpu` on a machine without GPUs: Accelerate needs cpu=True to form a gloo group
     (otherwise every process silently trains alone)."""
@@ -829,6 +900,7 @@ def save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, outpu
 
 def write_model_card(args, output_dir, t_star, steps, teacher_family, generator_timesteps=None):
     from sim_diffusers.training.hub import render_model_card
+    from sim_diffusers.training.validation import last_validation
 
     grid = output_dir / "validation" / "latest.png"
     render_model_card(
@@ -844,6 +916,7 @@ def write_model_card(args, output_dir, t_star, steps, teacher_family, generator_
         validation_image="validation/latest.png" if grid.exists() else None,
         validation_prompts=args.validation_prompts,
         use_ema=args.use_ema,
+        validation_values=last_validation(output_dir),
     )
 
 

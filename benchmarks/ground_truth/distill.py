@@ -10,8 +10,11 @@ the final pipeline with `SIMOneStepPipeline.from_pretrained`, samples `output_ty
 mode coverage, mode-weight error and MMD against the world (sim_diffusers.ground_truth), over training from step 0 (the
 untrained generator, `SIMOneStepPipeline.from_teacher`) and at the end. With --baselines it adds the teacher with
 DPM-Solver++ at 1/2/4/20 steps, the exact-epsilon oracle and the untrained generator. Prints the table with what each
-number means and writes NAME.md (the same text), NAME.json (everything, per caption too) and NAME.png (metrics over
-training and example latents) to --output_dir.
+number means and writes NAME-seedS.md (the same text), NAME-seedS.json (everything, per caption too, with the
+trainer's own validation values) and NAME-seedS.png (metrics over training and example latents) to --output_dir (S:
+the seeds, joined by dashes). The trainer validates against the teacher on the world's captions (`--validation_steps`,
+default --eval_every), so its diversity ratio and teacher agreement, which need no ground truth, sit in the curve next
+to the exact metrics (docs/training.md, "Is my run working?").
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ from sim_diffusers.ground_truth import (
     sample_pipeline_latents,
     sample_teacher_latents,
 )
+from sim_diffusers.training.validation import read_validation_log
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_SEED = 20_000  # the noise of the figure's example latents (8 per caption)
+# The trainer's validation values carried into the curve (training.validation): no ground truth needed for them.
+VALIDATION_KEYS = ("diversity_ratio_min", "teacher_agreement")
 
 # The benchmark's trainer settings. Guidance 1: the metrics compare against the world itself, which is what the
 # unguided teacher samples; guided distillation is an ablation (`-- --guidance_scale 4.5`). Learning rates G 1e-5,
@@ -85,6 +91,13 @@ def parse_args(input_args=None):
         help="The trainer's 1000 steps of regression warm-up, then 400 of SIM.",
     )
     parser.add_argument("--eval_every", type=int, default=100, help="Checkpoint and evaluation interval.")
+    parser.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="The trainer's validation against the teacher (on the world's captions) every N steps; default: "
+        "--eval_every, so that every evaluated checkpoint has the trainer's values next to the exact metrics.",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--num_samples", type=int, default=256, help="Samples per caption.")
     parser.add_argument("--baselines", action="store_true", help="Also score teacher, oracle and untrained generator.")
@@ -95,6 +108,7 @@ def parse_args(input_args=None):
 
 
 def run_trainer(teacher, captions_file, output_dir, seed, args) -> float:
+    captions = [line for line in Path(captions_file).read_text().splitlines() if line.strip()]
     cmd = [
         sys.executable,
         "-m",
@@ -120,6 +134,10 @@ def run_trainer(teacher, captions_file, output_dir, seed, args) -> float:
         str(args.max_train_steps),
         "--checkpointing_steps",
         str(args.eval_every),
+        "--validation_steps",
+        str(args.validation_steps or args.eval_every),
+        "--validation_prompts",
+        *captions,
         *TRAINER_DEFAULTS,
         *args.trainer_args,
     ]
@@ -138,7 +156,8 @@ def evaluate_generator(pipe, world, args):
 
 def distil_and_evaluate(teacher, world, captions_file, seed, untrained: dict, args) -> dict:
     """One seed: train, then score the final pipeline and every checkpoint; the curve starts at step 0 with the
-    untrained generator's mean metrics `untrained` (the trainer's starting point)."""
+    untrained generator's metrics `untrained` (the trainer's starting point), and carries the trainer's own
+    validation values (`add_validation_values`)."""
     from diffusers import PixArtTransformer2DModel
 
     from sim_diffusers import SIMOneStepPipeline
@@ -149,10 +168,13 @@ def distil_and_evaluate(teacher, world, captions_file, seed, untrained: dict, ar
     pipe = SIMOneStepPipeline.from_pretrained(run_dir)
     final = evaluate_generator(pipe, world, args)
     examples = sample_pipeline_latents(pipe, world, 8, seed=EXAMPLE_SEED)
-    curve = [{"step": 0, **untrained}]
+    curve = [{"step": 0, **untrained["mean"], "per_caption": untrained["per_caption"]}]
     for checkpoint in complete_checkpoints(run_dir):
         pipe.transformer = PixArtTransformer2DModel.from_pretrained(checkpoint / "generator")
-        curve.append({"step": checkpoint_step(checkpoint), **evaluate_generator(pipe, world, args)["mean"]})
+        scores = evaluate_generator(pipe, world, args)
+        curve.append({"step": checkpoint_step(checkpoint), **scores["mean"], "per_caption": scores["per_caption"]})
+    validations = read_validation_log(run_dir)
+    add_validation_values(curve, validations)
     trainer_args = json.loads((run_dir / "training_args.json").read_text())
     return {
         "seed": seed,
@@ -161,8 +183,27 @@ def distil_and_evaluate(teacher, world, captions_file, seed, untrained: dict, ar
         "curve": curve,
         "run_dir": str(run_dir),
         "regression_warmup_steps": trainer_args.get("regression_warmup_steps"),
+        "num_generator_steps": trainer_args.get("num_generator_steps") or 1,
+        "collapse_threshold": trainer_args.get("validation_collapse_threshold"),
+        "validations": validations,
         "examples": examples,
     }
+
+
+def add_validation_values(curve: list[dict], validations: list[dict]) -> None:
+    """Put the trainer's validation values (logs/validation.jsonl) next to the exact metrics of the same step: the
+    minimum diversity ratio over captions and the mean teacher agreement in the row, each caption's own in its
+    per-caption entry. Steps the trainer did not validate keep the exact metrics alone."""
+    by_step = {record["step"]: record for record in validations}
+    for row in curve:
+        record = by_step.get(row["step"])
+        if record is None:
+            continue
+        row.update({key: record[key] for key in VALIDATION_KEYS})
+        for caption_row in row.get("per_caption", []):
+            values = record["prompts"].get(caption_row["caption"])
+            if values is not None:
+                caption_row.update({key: values[key] for key in ("diversity_ratio", "teacher_agreement")})
 
 
 def baselines(teacher_pipe, world, untrained: dict, args) -> dict:
@@ -189,12 +230,15 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def mean_curve(runs: list[dict]) -> list[dict]:
-    """The metrics at every evaluated step, averaged over the seeds that reached it."""
+    """The metrics at every evaluated step, averaged over the seeds that reached it; the trainer's validation values
+    too where every such seed has them."""
     steps = sorted({row["step"] for run in runs for row in run["curve"]})
     rows = [[row for run in runs for row in run["curve"] if row["step"] == step] for step in steps]
-    return [
-        {"step": step, **{k: statistics.fmean(r[k] for r in at) for k in METRIC_KEYS}} for step, at in zip(steps, rows)
-    ]
+    curve = []
+    for step, at in zip(steps, rows):
+        keys = [*METRIC_KEYS, *(k for k in VALIDATION_KEYS if all(k in r for r in at))]
+        curve.append({"step": step, **{k: statistics.fmean(r[k] for r in at) for k in keys}})
+    return curve
 
 
 def _cell(key: str, value: float) -> str:
@@ -205,8 +249,14 @@ def seeds_text(runs) -> str:
     return f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
 
 
+def steps_text(runs) -> str:
+    """'one step', or 'K steps' for a K-step generator (--num_generator_steps)."""
+    k = runs[0].get("num_generator_steps", 1)
+    return "one step" if k == 1 else f"{k} steps"
+
+
 def report(name, world, summary, runs, baseline_rows, floor, args) -> str:
-    """The benchmark's printed (and NAME.md) text: the table, what each number means, the curve over training."""
+    """The benchmark's printed (and NAME-seedS.md) text: the table, what each number means, the curve over training."""
     seeds = seeds_text(runs)
     header = "| sampler | " + " | ".join(label for _, label in COLUMNS) + " |\n" + "|---" * (len(COLUMNS) + 1) + "|"
     lines = [
@@ -222,7 +272,7 @@ def report(name, world, summary, runs, baseline_rows, floor, args) -> str:
     cells = [
         _cell(k, summary[k]["mean"]) + (f" ± {_cell(k, summary[k]['std'])}" if spread else "") for k, _ in COLUMNS
     ]
-    lines.append(f"| **SIM one step: {name}** ({seeds}) | " + " | ".join(cells) + " |")
+    lines.append(f"| **SIM {steps_text(runs)}: {name}** ({seeds}) | " + " | ".join(cells) + " |")
     lines.append("| exact samples (noise floor) | " + " | ".join(_cell(k, floor[k]) for k, _ in COLUMNS) + " |")
     lines += ["", "What the numbers mean:"]
     lines += [f"  {label:<12} {meaning}" for label, meaning in MEANINGS]
@@ -230,12 +280,21 @@ def report(name, world, summary, runs, baseline_rows, floor, args) -> str:
         "",
         f"Over training (step 0 = the untrained generator{', mean over seeds' if spread else ''}):",
         "",
-        "| step | fidelity | coverage | weight TV | MMD |",
-        "|---|---|---|---|---|",
+        "| step | fidelity | coverage | weight TV | MMD | diversity ratio (min) | teacher agreement |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in mean_curve(runs):
-        lines.append(f"| {row['step']} | " + " | ".join(_cell(k, row[k]) for k in METRIC_KEYS[:4]) + " |")
+        cells = [_cell(k, row[k]) for k in METRIC_KEYS[:4]] + [
+            _cell(k, row[k]) if k in row else "-" for k in VALIDATION_KEYS
+        ]
+        lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def output_stem(name: str, seeds) -> str:
+    """NAME-seedS (or NAME-seedS1-S2-...): one-seed runs of one configuration started in parallel keep their own
+    files."""
+    return f"{name}-seed{'-'.join(str(s) for s in seeds)}"
 
 
 def main(args):
@@ -257,7 +316,7 @@ def main(args):
     runs = []
     for seed in args.seeds:
         print(f"[{args.name}] seed {seed}: training {args.max_train_steps} steps...", flush=True)
-        runs.append(distil_and_evaluate(teacher, world, captions_file, seed, untrained["mean"], args))
+        runs.append(distil_and_evaluate(teacher, world, captions_file, seed, untrained, args))
         m = runs[-1]["final"]["mean"]
         print(
             f"  fidelity {m['fidelity']:.3f}  coverage {m['coverage']:.3f}  weight TV {m['weight_tv']:.3f}  "
@@ -268,7 +327,7 @@ def main(args):
     summary = summarise(runs)
     text = report(args.name, world, summary, runs, baseline_rows, runs[0]["final"]["floor"], args)
 
-    stem = output_dir / args.name
+    stem = output_dir / output_stem(args.name, args.seeds)
     exact = [world.sample_x0(c, 8, torch.Generator().manual_seed(EXAMPLE_SEED + c)) for c in range(world.num_captions)]
     teacher_examples = sample_teacher_latents(teacher_pipe, world, 8, 20, 1.0, seed=EXAMPLE_SEED)
     references = None
@@ -281,7 +340,7 @@ def main(args):
         [
             ("exact samples of the world", exact),
             ("teacher, 20 DPM-Solver++ steps", teacher_examples),
-            (f"SIM one step ({args.name}, seed {runs[0]['seed']})", runs[0]["examples"]),
+            (f"SIM {steps_text(runs)} ({args.name}, seed {runs[0]['seed']})", runs[0]["examples"]),
         ],
         world.captions,
         references,

@@ -1,6 +1,9 @@
-"""The ground-truth benchmark's figure, drawn with PIL (no plotting library needed): the metrics over training from
-step 0 (the untrained generator) on the left, example latents of the world, the teacher and the one-step generator on
-the right."""
+"""The ground-truth benchmark's figures, drawn with PIL (no plotting library needed).
+
+`draw_figure`: the metrics over training from step 0 (the untrained generator) on the left, example latents of the
+world, the teacher and the one-step generator on the right. `draw_signal_figure`: the trainer's validation signal (the
+diversity ratio, which needs no ground truth) next to the true mode coverage and weight TV over training, one panel
+per configuration (`benchmarks.ground_truth.collapse_signal`, docs/training.md "Is my run working?")."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ METRIC_STYLE = {  # metric key -> (legend label, colour)
     "coverage": ("coverage", (214, 39, 40)),
     "weight_tv": ("weight TV", (44, 160, 44)),
     "mmd": ("MMD", (148, 103, 189)),
+    "diversity_ratio_min": ("diversity ratio, min (trainer)", (255, 127, 14)),
 }
 GRID, AXIS, MUTED = (225, 225, 225), (0, 0, 0), (110, 110, 110)
 TILE, TILE_GAP = 28, 3
@@ -124,7 +128,8 @@ def draw_figure(
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    legend = [(label, colour, "solid") for label, colour in METRIC_STYLE.values()] + references_legend
+    present = [key for key in METRIC_STYLE if any(key in row for row in curve)]
+    legend = [(*METRIC_STYLE[key], "solid") for key in present] + references_legend
 
     # 3. Legend below the x label, two columns
     legend_top = plot["bottom"] + 46
@@ -149,4 +154,77 @@ def draw_figure(
                 canvas.paste(_tile(latent), (x0 + label_width + j * (TILE + TILE_GAP), y))
             y += TILE + TILE_GAP
         y += 4
+    canvas.save(path)
+
+
+SIGNAL_STYLE = {  # curve key -> (legend label, colour, dashed)
+    "diversity_ratio_min": ("diversity ratio, min over captions (trainer, no ground truth)", (255, 127, 14), False),
+    "coverage": ("true mode coverage", (214, 39, 40), False),
+    "weight_tv": ("true weight TV", (44, 160, 44), True),
+}
+SIGNAL_PANEL = dict(width=330, height=250, left=60, top=60, gap=40)
+WARNING_COLOUR = (0, 0, 0)
+
+
+def first_warning(curve: list[dict], threshold: float) -> int | None:
+    """The first step after 0 whose minimum diversity ratio is below `threshold` (where the trainer warns)."""
+    for row in curve:
+        if row["step"] > 0 and row.get("diversity_ratio_min", float("inf")) < threshold:
+            return row["step"]
+    return None
+
+
+def draw_signal_figure(path, title: str, panels: list[tuple[str, list[list[dict]]]], threshold: float) -> None:
+    """Write the signal figure to `path` (PNG): one panel per configuration, every seed's curves overlaid.
+
+    Args:
+        panels: [(label, [curve of one seed: [{"step", "coverage", "weight_tv", "diversity_ratio_min"}, ...]])].
+        threshold: the collapse threshold, drawn dashed; a black triangle marks each seed's first warning.
+    """
+    font, small, large = (ImageFont.load_default(size=s) for s in (13, 11, 16))
+    box = SIGNAL_PANEL
+    width = box["left"] + len(panels) * (box["width"] + box["gap"])
+    height = box["top"] + box["height"] + 110
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((width // 2, 12), title, fill=AXIS, font=large, anchor="mt")
+    for i, (label, curves) in enumerate(panels):
+        left = box["left"] + i * (box["width"] + box["gap"])
+        right, top, bottom = left + box["width"], box["top"], box["top"] + box["height"]
+        max_step = max((row["step"] for curve in curves for row in curve), default=1) or 1
+        x_of = lambda step, left=left, right=right, max_step=max_step: left + (right - left) * step / max_step  # noqa: E731
+        y_of = lambda v, top=top, bottom=bottom: bottom - (bottom - top) * min(max(v, 0.0), 1.2) / 1.2  # noqa: E731
+        seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+        draw.text(((left + right) // 2, top - 22), f"{label} ({seeds})", fill=AXIS, font=font, anchor="mt")
+        for tick in nice_ticks(max_step, 6):
+            draw.line([(x_of(tick), top), (x_of(tick), bottom)], GRID)
+            draw.text((x_of(tick), bottom + 7), f"{tick:g}", fill=AXIS, font=small, anchor="mt")
+        for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2):
+            draw.line([(left, y_of(tick)), (right, y_of(tick))], GRID)
+            draw.text((left - 7, y_of(tick)), f"{tick:.1f}", fill=AXIS, font=small, anchor="rm")
+        draw.rectangle([left, top, right, bottom], outline=AXIS)
+        draw.text(((left + right) // 2, bottom + 24), "training step", fill=AXIS, font=font, anchor="mt")
+        _dashed(draw, (left, y_of(threshold)), (right, y_of(threshold)), MUTED, 2)
+        for curve in curves:
+            for key, (_, colour, dashed) in SIGNAL_STYLE.items():
+                points = [(x_of(row["step"]), y_of(row[key])) for row in curve if key in row]
+                for a, b in zip(points, points[1:]):
+                    _dashed(draw, a, b, colour, 2, dash=3) if dashed else draw.line([a, b], fill=colour, width=2)
+            warned = first_warning(curve, threshold)
+            if warned is not None:
+                x = x_of(warned)
+                draw.polygon([(x, bottom - 12), (x - 6, bottom), (x + 6, bottom)], fill=WARNING_COLOUR)
+    legend = [(label, colour, "dashed" if dashed else "solid") for label, colour, dashed in SIGNAL_STYLE.values()]
+    legend += [
+        (f"collapse threshold ({threshold:g})", MUTED, "dashed"),
+        ("first warning (triangle)", WARNING_COLOUR, "solid"),
+    ]
+    legend_top = box["top"] + box["height"] + 48
+    for i, (label, colour, style) in enumerate(legend):
+        x, y = box["left"] + (i % 3) * 380, legend_top + (i // 3) * 17
+        if style == "dashed":
+            _dashed(draw, (x, y + 6), (x + 24, y + 6), colour, 2, dash=4)
+        else:
+            draw.line([(x, y + 6), (x + 24, y + 6)], colour, 2)
+        draw.text((x + 30, y), label, fill=AXIS, font=small)
     canvas.save(path)

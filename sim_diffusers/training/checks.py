@@ -342,6 +342,39 @@ def check_arguments(args) -> None:
         check_hub_arguments(args)
 
 
+def check_validation_arguments(args) -> None:
+    """The options of the validation against the teacher (`training.validation`)."""
+    from .validation import COLLAPSE_ACTIONS
+
+    if args.validation_num_samples < 2:
+        raise UserInputError(
+            f"--validation_num_samples must be >= 2 (a spread needs two samples), got {args.validation_num_samples}."
+        )
+    if not 1 <= args.num_validation_images <= args.validation_num_samples:
+        raise UserInputError(
+            f"Need 1 <= --num_validation_images <= --validation_num_samples ({args.validation_num_samples}), got "
+            f"{args.num_validation_images}."
+        )
+    if args.validation_teacher_steps < 1:
+        raise UserInputError(f"--validation_teacher_steps must be >= 1, got {args.validation_teacher_steps}.")
+    if not 0 <= args.validation_collapse_threshold < 1:
+        raise UserInputError(
+            "Need 0 <= --validation_collapse_threshold < 1 (a ratio to the teacher's diversity, which is 1), got "
+            f"{args.validation_collapse_threshold}."
+        )
+    if args.validation_collapse_action not in COLLAPSE_ACTIONS:
+        raise UserInputError(
+            f"Unknown --validation_collapse_action {args.validation_collapse_action!r}; choose one of "
+            f"{', '.join(COLLAPSE_ACTIONS)}."
+        )
+    prompts = args.validation_prompts or []
+    if len(set(prompts)) != len(prompts):
+        repeated = sorted({p for p in prompts if prompts.count(p) > 1})
+        raise UserInputError(f"--validation_prompts repeats {repeated[0]!r}; give each prompt once.")
+    if args.validation_collapse_action == "stop" and not prompts:
+        raise UserInputError("--validation_collapse_action stop needs --validation_prompts to validate on.")
+
+
 def check_hub_arguments(args) -> None:
     """A token, and a repo id the Hub accepts, known now rather than after the whole run."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -551,6 +584,7 @@ def validate(args) -> tuple[CaptionSet, dict, Path | None]:
     """All early checks; returns the captions, the teacher's facts and the checkpoint to resume from."""
     check_arguments(args)
     check_output_dir_apart_from_teacher(args)
+    check_validation_arguments(args)
     if args.caption_file is not None:
         captions = read_caption_file(args.caption_file, args.caption_column)
     else:

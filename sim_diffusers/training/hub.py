@@ -119,10 +119,12 @@ def render_model_card(
     use_ema: bool,
     license: str = "openrail++",
     generator_timesteps: list[int] | None = None,
+    validation_values: dict | None = None,
 ) -> Path:
     """Write output_dir/README.md from the template: YAML metadata, loading code, training settings, samples.
 
     teacher_family: the teacher's family name (`sim_diffusers.teachers`: "PixArt-alpha" or "PixArt-Σ").
+    validation_values: the last line of the run's logs/validation.jsonl (`training.validation`), or None.
     """
     import jinja2
     from huggingface_hub import ModelCardData
@@ -139,7 +141,10 @@ def render_model_card(
     repo_id = repo_id or Path(output_dir).resolve().name
     if validation_image:
         prompts = "; ".join(f"`{p}`" for p in (validation_prompts or []))
-        validation = f"![validation samples]({validation_image})\n\nPrompts, one row each: {prompts}."
+        validation = (
+            f"![validation samples]({validation_image})\n\nOne row per prompt: the generator's samples (left) and "
+            f"the teacher's from the same noises (right). Prompts: {prompts}."
+        )
     else:
         validation = "No validation images were generated in this run."
     shown = publishable_arguments(settings)
@@ -157,6 +162,7 @@ def render_model_card(
         num_steps=len(generator_timesteps or [conditioning_timestep]),
         example_prompt=(validation_prompts or ["A small cactus with a happy face in the Sahara desert."])[0],
         validation_section=validation,
+        validation_values=validation_values_section(validation_values),
         settings_table=rows,
         weights_kind="an exponential moving average (EMA) of the generator"
         if use_ema
@@ -165,6 +171,26 @@ def render_model_card(
     path = Path(output_dir) / "README.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def validation_values_section(values: dict | None) -> str:
+    """The last validation against the teacher as a markdown table (`training.validation`), or a line saying there
+    was none."""
+    if not values:
+        return "No validation against the teacher was run."
+    rows = "\n".join(
+        f"| `{prompt}` | {s['diversity_ratio']:.3f} | {s['teacher_agreement']:.3f} |"
+        for prompt, s in values["prompts"].items()
+    )
+    return (
+        f"At step {values['step']}, on fixed noises shared with the teacher's ODE samples: the **diversity ratio** "
+        "(the spread of the generator's samples over the teacher's; 1 is the teacher's diversity, near 0 a collapse "
+        "onto one look) and the **teacher agreement** (the distance to the teacher's sample from the same noise "
+        "over the teacher's spread; 0 is the teacher's own sample, 1 an unrelated one).\n\n"
+        "| prompt | diversity ratio | teacher agreement |\n|---|---|---|\n"
+        f"{rows}\n| **minimum / mean** | **{values['diversity_ratio_min']:.3f}** | "
+        f"**{values['teacher_agreement']:.3f}** |"
+    )
 
 
 def push_output_dir(output_dir: str | os.PathLike, hub_model_id: str, token: str | None, private: bool = False) -> str:

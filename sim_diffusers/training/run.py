@@ -269,12 +269,17 @@ def load_text_conditioning(args, accelerator, teacher_pipe, captions, dtype):
 
 
 def validation_embeddings(args, text):
-    """Validation prompt embeddings, computed once, so validation never needs T5."""
+    """The validation prompts' text conditioning and the empty prompt's (`validation.ValidationSet`), computed once,
+    so validation never needs T5; None without validation prompts."""
     if not args.validation_prompts:
         return None
+    from .validation import ValidationSet
+
     if isinstance(text, TextEmbeddingCache):
-        return text.extra(args.validation_prompts)
-    return text(args.validation_prompts)
+        embeds, mask = text.extra(args.validation_prompts)
+    else:
+        embeds, mask = text(args.validation_prompts)
+    return ValidationSet(list(args.validation_prompts), embeds, mask, *text.negative())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -451,7 +456,7 @@ def copy_teacher_text_encoder(args, pipeline_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Validation images
+# Validation against the teacher (training.validation): statistics, the side-by-side grid, logs and the collapse check
 
 
 def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
@@ -462,69 +467,163 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
     return (grid * 255).round().clip(0, 255).astype(np.uint8)
 
 
-@torch.no_grad()
-def log_validation(accelerator, args, one_step, generator, ema, validation, step, weight_dtype):
-    """Images of the fixed validation prompts and seeds from the live generator (EMA weights when kept). A sharded
-    (FSDP2) generator runs on every process, each holding a shard; the main process writes the images."""
+def side_by_side_grid(generator_images: np.ndarray, teacher_images: np.ndarray, rows: int, gap: int = 4) -> np.ndarray:
+    """One row per prompt: the generator's images, a white gap, then the teacher's from the same noises."""
+    left, right = image_grid(generator_images, rows), image_grid(teacher_images, rows)
+    white = np.full((left.shape[0], gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([left, white, right], axis=1)
+
+
+def decode_images(vae, image_processor, latents: torch.Tensor) -> np.ndarray:
+    """x0 latents (B, C, h, w) -> (B, H, W, 3) floats in [0, 1], as the pipeline decodes them."""
+    image = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return image_processor.postprocess(image, output_type="np")
+
+
+def log_validation(
+    accelerator, args, one_step, models, validation, validation_log, step, ode_scheduler, teacher_fingerprint=None
+):
+    """Validate the live generator (EMA weights when kept) against the teacher from the fixed noises: statistics to
+    the trackers and `validation_log` (logs/validation.jsonl), the side-by-side grid to the trackers and
+    OUTPUT_DIR/validation/, a warning line per prompt below the collapse threshold. The main process computes and
+    writes; under FSDP2 the others take part in the sharded networks' calls.
+
+    Returns (the `ValidationResult`, None on other processes; whether the run must stop, the same on every
+    process: --validation_collapse_action stop and a prompt below the threshold).
+    """
     from .models import is_sharded
+    from .validation import ValidationConfig
 
-    if validation is None or not (accelerator.is_main_process or is_sharded(generator)):
-        return None
-    from PIL import Image
+    config = ValidationConfig.from_namespace(args)
+    result = None
+    if accelerator.is_main_process or is_sharded(models.generator):
+        result = _validate(
+            accelerator, args, config, one_step, models, validation, step, ode_scheduler, teacher_fingerprint
+        )
+    if accelerator.is_main_process:
+        _publish_validation(accelerator, args, result, validation_log)
+    else:
+        result = None
+    stop = torch.tensor(
+        [int(result is not None and bool(result.collapsed) and config.collapse_action == "stop")],
+        device=accelerator.device,
+    )
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
 
-    from ..pipelines import SIMOneStepPipeline
+        stop = broadcast(stop, from_process=0)
+    return result, bool(stop.item())
 
+
+def _teacher_sample_settings(args, dtype, teacher_fingerprint: str | None) -> dict:
+    """What the teacher's validation samples depend on besides prompts, N, K, seed and shape (the cache's key): the
+    teacher (its content fingerprint when known, else its name), the text settings, the guidance."""
+    return {
+        "teacher": teacher_fingerprint or str(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "variant": args.variant,
+        "max_sequence_length": args.max_sequence_length,
+        "clean_caption": args.clean_caption,
+        "dtype": str(dtype),
+        "guidance_scale": args.guidance_scale,
+    }
+
+
+@torch.no_grad()
+def _validate(accelerator, args, config, one_step, models, validation, step, ode_scheduler, teacher_fingerprint=None):
+    """The statistics and images of one validation (`validation` module docstring), on the main process; the
+    teacher's samples are prepared on the first call. Other processes (FSDP2 only) run the sharded calls alone:
+    the generator's, and the teacher's when it is sharded too; they return None."""
+    import time
+
+    from .models import is_sharded
+    from .validation import TEACHER_SAMPLES_FILE, added_cond_factory, generator_samples, statistics, teacher_samples
+
+    main = accelerator.is_main_process
+    generator, device = accelerator.unwrap_model(models.generator), accelerator.device
+    side = generator.config.sample_size
+    added = added_cond_factory(generator, side * one_step.vae_scale_factor, device, validation.embeds.dtype)
+    teacher_seconds = None
+    if main or is_sharded(models.networks.teacher):
+        with accelerator.autocast():
+            teacher_seconds = validation.prepare(
+                config,
+                (generator.config.in_channels, side, side),
+                args.seed,
+                _teacher_sample_settings(args, validation.embeds.dtype, teacher_fingerprint),
+                Path(args.output_dir) / TEACHER_SAMPLES_FILE,
+                lambda noise: teacher_samples(
+                    models.networks,
+                    ode_scheduler,
+                    noise,
+                    validation,
+                    args.guidance_scale,
+                    config.teacher_steps,
+                    added,
+                    device,
+                ),
+                write=main,
+            )
+    else:
+        validation.prepare_noise(config, (generator.config.in_channels, side, side), args.seed)
+    tic = time.perf_counter()
+    ema = models.ema
     if ema is not None:
         ema.store(generator.parameters())
         ema.copy_to(generator.parameters())
     was_training = generator.training
     generator.eval()
+    n = min(args.num_validation_images, config.num_samples)
     try:
-        pipe = SIMOneStepPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=one_step.vae,
-            transformer=generator,
-            scheduler=one_step.scheduler,
-            conditioning_timestep=one_step.conditioning_timestep,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        embeds, mask = validation
-        n = args.num_validation_images
-        seeds = [torch.Generator().manual_seed(i) for _ in range(len(args.validation_prompts)) for i in range(n)]
         with accelerator.autocast():
-            images = pipe(
-                prompt_embeds=embeds.repeat_interleave(n, 0),
-                prompt_attention_mask=mask.repeat_interleave(n, 0),
-                generator=seeds,
-                output_type="np",
-                use_resolution_binning=False,
-            ).images
+            latents = generator_samples(
+                generator,
+                validation.noise,
+                validation,
+                one_step.generator_timesteps,
+                one_step.scheduler.alphas_cumprod.to(device),
+                added,
+                device,
+                args.seed,
+            )
+            if not main:
+                return None
+            images = decode_images(one_step.vae, one_step.image_processor, latents[:, :n].flatten(0, 1))
+            if validation.teacher_images is None:
+                validation.teacher_images = decode_images(
+                    one_step.vae, one_step.image_processor, validation.teacher_latents[:, :n].flatten(0, 1)
+                )
     finally:
         generator.train(was_training)
         if ema is not None:
             ema.restore(generator.parameters())
-    if not accelerator.is_main_process:
-        return images
-    grid = image_grid(images, rows=len(args.validation_prompts))
+    result = statistics(step, latents, validation.teacher_latents, validation.prompts, config.collapse_threshold)
+    result.grid = side_by_side_grid(images, validation.teacher_images, rows=len(validation.prompts))
+    result.seconds, result.teacher_seconds = time.perf_counter() - tic, teacher_seconds
+    return result
+
+
+def _publish_validation(accelerator, args, result, validation_log) -> None:
+    import sys
+
+    from PIL import Image
+    from tqdm.auto import tqdm
+
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(folder / f"step-{step:07d}.png")
-    Image.fromarray(grid).save(folder / "latest.png")
+    for name in (f"step-{result.step:07d}.png", "latest.png"):
+        Image.fromarray(result.grid).save(folder / name)
+    validation_log.write(result.step, result.record())
+    accelerator.log(result.scalars(), step=result.step)
+    caption = "per prompt: the generator (left) and the teacher (right) from the same noises"
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images(
-                "validation", np.stack([(im * 255).astype(np.uint8) for im in images]), step, dataformats="NHWC"
-            )
+            tracker.writer.add_image("validation/generator_vs_teacher", result.grid, result.step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
 
             tracker.log(
-                {
-                    "validation": [
-                        wandb.Image(im, caption=p) for im, p in zip(images, np.repeat(args.validation_prompts, n))
-                    ]
-                },
-                step=step,
+                {"validation/generator_vs_teacher": wandb.Image(result.grid, caption=caption)}, step=result.step
             )
-    return images
+    for line in result.warnings():
+        tqdm.write(line, file=sys.stderr)
