@@ -37,6 +37,7 @@ def parse_args(input_args=None):
     parser.add_argument("--batch_size", type=int, default=4, help="Training samples per step (the trainer's 4).")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--num_prompts", type=int, default=4, help="Validation prompts.")
+    parser.add_argument("--num_generator_steps", type=int, default=1, help="K of a K-step generator.")
     parser.add_argument("--num_samples", type=int, default=DEFAULT.num_samples, help="Noises per prompt (N).")
     parser.add_argument("--teacher_steps", type=int, default=DEFAULT.teacher_steps, help="K.")
     parser.add_argument("--num_images", type=int, default=4, help="Images per prompt in the grid.")
@@ -72,6 +73,7 @@ def main(args) -> dict:
     torch.set_num_threads(args.num_threads)
     step_args = train_step.parse_args(
         ["--config", args.config, "--batch_size", str(args.batch_size), "--precision", args.precision, "--no_ema"]
+        + ["--num_generator_steps", str(args.num_generator_steps)]
         + (["--device", args.device] if args.device else [])
     )
     s = train_step.build(step_args)
@@ -123,9 +125,14 @@ def main(args) -> dict:
     config_dict = dict(generator.config)
     forward = configs.transformer_forward_flops(config_dict, 1)
     step_flops = configs.sim_iteration_flops(
-        config_dict, args.batch_size, args.guidance_scale, regression_samples=args.batch_size / 4
+        config_dict,
+        args.batch_size,
+        args.guidance_scale,
+        regression_samples=args.batch_size / 4,
+        generator_steps=args.num_generator_steps,
     )["total"]
-    validation_flops = args.num_prompts * args.num_samples * forward  # decoding not counted (VAE)
+    # K generator calls per noise; decoding not counted (VAE)
+    validation_flops = args.num_prompts * args.num_samples * args.num_generator_steps * forward
     teacher_flops = args.num_prompts * args.num_samples * args.teacher_steps * (2 if args.guidance_scale != 1 else 1)
     step, val = statistics.median(step_seconds), statistics.median(validation_seconds)
     result = {
@@ -135,6 +142,7 @@ def main(args) -> dict:
         "batch_size": args.batch_size,
         "num_prompts": args.num_prompts,
         "num_samples": args.num_samples,
+        "num_generator_steps": args.num_generator_steps,
         "teacher_steps": args.teacher_steps,
         "num_images": args.num_images,
         "step_seconds": step,

@@ -274,3 +274,23 @@ def test_gpu_check_orchestration_smoke(tmp_path):
     assert "| train_tiny | sim |" in table and "| train_tiny | warmup |" in table
     assert "| inference_tiny | sim_one_step | 1 | 1 |" in table
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
+
+
+def test_validation_cost_benchmark_times_the_trainers_validation(tmp_path, fresh_accelerator_state):
+    from benchmarks import validation_cost
+
+    argv = ["--config", "tiny", "--num_prompts", "2", "--num_samples", "4", "--teacher_steps", "2", "--rounds", "1"]
+    results = {}
+    for k in (1, 2):
+        out = tmp_path / f"cost-{k}.json"
+        results[k] = validation_cost.main(
+            validation_cost.parse_args([*argv, "--num_generator_steps", str(k), "--json", str(out)])
+        )
+        assert json.loads(out.read_text()) == results[k]
+        assert results[k]["validation_seconds"] > 0 and results[k]["teacher_samples_seconds"] > 0
+        assert results[k]["share_of_training_at_default_frequency"] == pytest.approx(
+            results[k]["validation_seconds"] / (500 * results[k]["step_seconds"])
+        )
+    # a 2-step generator's validation makes twice the generator calls; the teacher's samples do not depend on K
+    assert results[2]["validation_transformer_tflop"] == pytest.approx(2 * results[1]["validation_transformer_tflop"])
+    assert results[2]["teacher_samples_tflop"] == pytest.approx(results[1]["teacher_samples_tflop"])
