@@ -177,6 +177,7 @@ def fsdp_lora(tiny_teacher_path, captions_file, runs):
 @pytest.fixture(scope="module")
 def fsdp_accumulate(tiny_teacher_path, captions_file, runs):
     args = ["--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--sharding", "fsdp_teacher"]
+    args += FSDP[2:]  # the fsdp run's validation, here with the teacher sharded too
     launch(
         "8_gpus.yaml", tiny_teacher_path, captions_file, runs / "fsdp_accumulate", *args, "--gradient_checkpointing"
     )
@@ -299,6 +300,19 @@ def test_fsdp_gradient_accumulation_with_checkpointing_and_a_sharded_teacher_mat
     reference, fsdp_accumulate, tiny_teacher_path
 ):
     assert_same_training(fsdp_accumulate, reference, tiny_teacher_path)
+
+
+def test_fsdp_validation_with_a_sharded_teacher_equals_the_one_with_a_whole_teacher(fsdp, fsdp_accumulate):
+    """The validation runs the sharded networks on every process; its values do not depend on what is sharded (the
+    two runs train the same weights, asserted above)."""
+    from sim_diffusers.training.validation import read_validation_log
+
+    whole, sharded = read_validation_log(fsdp), read_validation_log(fsdp_accumulate)
+    assert [v["step"] for v in sharded] == [v["step"] for v in whole] == [0, 2, 4]
+    for a, b in zip(whole, sharded):
+        for prompt, values in a["prompts"].items():
+            for name in ("diversity_ratio", "teacher_agreement", "teacher_spread"):
+                assert b["prompts"][prompt][name] == pytest.approx(values[name], rel=1e-3), (a["step"], name)
 
 
 def test_two_machines_with_one_process_each_train_like_one_machine_with_two(fsdp, two_machines, tiny_teacher_path):
