@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,14 +58,36 @@ def run_trainer(teacher, captions, output_dir, *args, processes=None, faults="",
             "no",
         ]
         if processes > 1:
-            launch.insert(0, "--multi_gpu")
+            launch = ["--multi_gpu", "--main_process_port", str(free_port()), *launch]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(TRAINER_SCRIPT), *argv]
     run_env = {**TRAINER_ENV, "SIM_DIFFUSERS_TEST_FAULTS": faults, **(env or {})}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=TRAINER_TIMEOUT_S)
+    result = run_process_group(cmd, run_env)
     if check:
         assert result.returncode == 0, describe(result)
     result.listing = sorted(p.name for p in Path(output_dir).iterdir()) if Path(output_dir).is_dir() else []
     return result
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: each launch gets its own, so one that hangs cannot block the next."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_process_group(cmd: list[str], env: dict, timeout: float = TRAINER_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own; on timeout the whole group is killed (a launcher killed alone leaves
+    its ranks running, holding their port), and the result says so with exit code -9."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr += f"\n[test harness] timed out after {timeout} s; the process group was killed"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def describe(result) -> str:

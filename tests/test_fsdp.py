@@ -23,8 +23,9 @@ fraction of the change (tests/test_trainer.py: a different batch split differs b
 from __future__ import annotations
 
 import json
+import os
 import re
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -39,8 +40,10 @@ from conftest import (
     TRAINER_TIMEOUT_S,
     component_weights,
     describe,
+    free_port,
     load_trainer_module,
     max_difference,
+    run_process_group,
     write_captions,
 )
 from safetensors.torch import load_file
@@ -75,17 +78,11 @@ RELATIVE_TOLERANCE = 1e-4
 EXERCISED = set()  # the config files the fixtures launched with
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def adapted_config(name: str, folder: Path, **overrides) -> Path:
     """An examples/accelerate_configs file for this machine: no mixed precision (float comparisons), fewer
     processes, localhost."""
     config = yaml.safe_load((CONFIGS / name).read_text())
-    config.update(mixed_precision="no", **overrides)
+    config.update({"mixed_precision": "no", "main_process_port": free_port(), **overrides})
     path = folder / f"{Path(name).stem}-{'-'.join(f'{k}{v}' for k, v in overrides.items())}.yaml"
     path.write_text(yaml.safe_dump(config))
     EXERCISED.add(name)
@@ -112,7 +109,7 @@ def launch(name, teacher, captions, output_dir, *args, processes=2, faults="", c
     config = adapted_config(name, output_dir.parent, **overrides)
     env = {**TRAINER_ENV, "SIM_DIFFUSERS_TEST_FAULTS": faults}
     cmd = trainer_command(config, teacher, captions, output_dir, args)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TRAINER_TIMEOUT_S)
+    result = run_process_group(cmd, env)
     if check:
         assert result.returncode == 0, describe(result)
     return result
@@ -199,9 +196,23 @@ def two_machines(tiny_teacher_path, captions_file, runs):
             main_process_port=port,
         )
         cmd = trainer_command(config, tiny_teacher_path, captions_file, out, ["--train_batch_size", "2", *FSDP])
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TRAINER_ENV))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=TRAINER_ENV,
+                start_new_session=True,  # killed as a group on timeout, ranks included
+            )
+        )
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=TRAINER_TIMEOUT_S)
+        try:
+            stdout, stderr = proc.communicate(timeout=TRAINER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise
         proc.stdout_text, proc.stderr_text = stdout, stderr
     for proc in procs:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr_text[-3000:]}"
