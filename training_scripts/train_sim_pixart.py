@@ -639,10 +639,7 @@ def train(args, caption_set, teacher_facts, resume_path):
     save_final_pipeline(args, accelerator, models, one_step, teacher_pipe, output_dir, fault_plan)
     if accelerator.is_main_process:
         write_model_card(args, output_dir, t_star, state.step, teacher_facts["teacher_family"], generator_timesteps)
-    # Every process leaves the process group together: one that tore it down while the main process was still
-    # saving could hang for good in the teardown. The upload needs no group.
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    leave_together(accelerator)  # the upload needs no group
     if accelerator.is_main_process and args.push_to_hub:
         push(args, output_dir)
     return 0
@@ -802,6 +799,13 @@ def resolve_generator_timesteps(args, teacher_scheduler) -> list[int]:
     return default_generator_timesteps(t_star, args.num_generator_steps)
 
 
+def leave_together(accelerator) -> None:
+    """End the run on every process at once: one that tore the process group down while the main process was still
+    saving could hang for good in the teardown."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def stop_on_nonfinite_steps(accelerator, output_dir, state) -> int:
     """Exit code 3 and one line naming the last good checkpoint."""
     from sim_diffusers.training import checkpointing
@@ -814,8 +818,7 @@ def stop_on_nonfinite_steps(accelerator, output_dir, state) -> int:
             f"Last good checkpoint: {last if last else 'none'}.",
             file=sys.stderr,
         )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    leave_together(accelerator)
     return 3
 
 
@@ -830,8 +833,7 @@ def stop_on_collapse(accelerator, args, output_dir, state, fault_plan) -> int:
             f"saved checkpoint-{state.step}; the values are in {VALIDATION_LOG_FILE}.",
             file=sys.stderr,
         )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    leave_together(accelerator)
     return COLLAPSE_EXIT_CODE
 
 

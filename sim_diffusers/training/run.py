@@ -502,8 +502,6 @@ def log_validation(
         )
     if accelerator.is_main_process:
         _publish_validation(accelerator, args, result, validation_log)
-    else:
-        result = None
     stop = torch.tensor(
         [int(result is not None and bool(result.collapsed) and config.collapse_action == "stop")],
         device=accelerator.device,
