@@ -1,5 +1,6 @@
 """Fixtures and helpers shared by the test modules: the tiny PixArt teachers, and running the trainer."""
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -76,18 +77,36 @@ def free_port() -> int:
 
 
 def run_process_group(cmd: list[str], env: dict, timeout: float = TRAINER_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """subprocess.run in a session of its own; on timeout the whole group is killed (a launcher killed alone leaves
-    its ranks running, holding their port), and the result says so with exit code -9."""
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        stderr += f"\n[test harness] timed out after {timeout} s; the process group was killed"
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    """subprocess.run in a session of its own (`run_process_groups` with one command)."""
+    return run_process_groups([cmd], env, timeout)[0]
+
+
+def run_process_groups(cmds: list[list[str]], env: dict, timeout: float = TRAINER_TIMEOUT_S):
+    """Commands that run at once (launchers of one job), each in a session of its own; if one outlives `timeout`
+    every group is killed (a launcher killed alone leaves its ranks running, holding their port), and the results say
+    so with exit code -9."""
+    procs = [
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
+        for cmd in cmds
+    ]
+    outputs, timed_out = [], False
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for p in procs:  # a launcher that ended may have left ranks in its group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            outputs.append(proc.communicate())
+    results = []
+    for cmd, proc, (stdout, stderr) in zip(cmds, procs, outputs):
+        if timed_out:
+            stderr += f"\n[test harness] timed out after {timeout} s; the process groups were killed"
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+    return results
 
 
 def describe(result) -> str:

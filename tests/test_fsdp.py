@@ -23,10 +23,7 @@ fraction of the change (tests/test_trainer.py: a different batch split differs b
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,13 +34,13 @@ import yaml
 from conftest import (
     TRAINER_ENV,
     TRAINER_SCRIPT,
-    TRAINER_TIMEOUT_S,
     component_weights,
     describe,
     free_port,
     load_trainer_module,
     max_difference,
     run_process_group,
+    run_process_groups,
     write_captions,
 )
 from safetensors.torch import load_file
@@ -185,7 +182,7 @@ def fsdp_accumulate(tiny_teacher_path, captions_file, runs):
 def two_machines(tiny_teacher_path, captions_file, runs):
     """2_nodes_16_gpus.yaml as 2 machines x 1 process: two launchers on this host, machine ranks 0 and 1."""
     out, port = runs / "two_machines", free_port()
-    procs = []
+    cmds = []
     for rank in (0, 1):
         config = adapted_config(
             "2_nodes_16_gpus.yaml",
@@ -195,27 +192,9 @@ def two_machines(tiny_teacher_path, captions_file, runs):
             main_process_ip="127.0.0.1",
             main_process_port=port,
         )
-        cmd = trainer_command(config, tiny_teacher_path, captions_file, out, ["--train_batch_size", "2", *FSDP])
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=TRAINER_ENV,
-                start_new_session=True,  # killed as a group on timeout, ranks included
-            )
-        )
-    for proc in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=TRAINER_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGKILL)
-            raise
-        proc.stdout_text, proc.stderr_text = stdout, stderr
-    for proc in procs:
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr_text[-3000:]}"
+        cmds.append(trainer_command(config, tiny_teacher_path, captions_file, out, ["--train_batch_size", "2", *FSDP]))
+    for result in run_process_groups(cmds, TRAINER_ENV):
+        assert result.returncode == 0, describe(result)
     return out
 
 
